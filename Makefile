@@ -1,0 +1,45 @@
+# `make run`: set up .venv and run the main job on the built-in simulated data.
+# `make test`: set up .venv and run ruff and the test suite (what CI runs via .ci/run).
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -ec
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+CONFIG ?= conf/default.yaml
+
+# Offline and quiet: no telemetry from MLflow, Prefect or Great Expectations.
+export MLFLOW_DISABLE_TELEMETRY := true
+export GX_ANALYTICS_ENABLED := false
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export DO_NOT_TRACK := 1
+
+.PHONY: setup run test lint format clean
+
+$(STAMP): pyproject.toml
+	@echo "setting up $(VENV) with $(PYTHON) (about a minute on a fresh machine)"
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip 2>&1 | { grep -v '^WARNING: Location' || true; }
+	$(BIN)/python -m pip install -q -e '.[dev]' 2>&1 | { grep -v -e '^WARNING: Location' -e 'BuildBackendWarning' || true; }
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: setup
+	$(BIN)/esmm run --config $(CONFIG)
+
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/pytest
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache

@@ -1,0 +1,171 @@
+"""Typed configuration: YAML files in conf/, validated on load, overridable from the CLI.
+
+Unknown keys and bad values are rejected with a message that names the file, the dotted key
+and the offending value. Overrides use the same dotted keys (``train.epochs=3``) and are
+validated exactly like the file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from esmm.models.esmm import PAPER_EMBEDDING_DIM, PAPER_TOWER_DIMS
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message names key and value."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SimulatorSettings(_Section):
+    preset: str = "default"
+    rows: Annotated[int, Field(gt=0)] = 400_000
+    days: Annotated[int, Field(gt=1)] = 8
+    seed: int = 0
+
+
+class DataSettings(_Section):
+    """Where impressions come from.
+
+    - ``simulator``: the built-in simulator (``simulator`` section); written to ``path``.
+    - ``aliccp_raw``: Tianchi files; ``files`` maps split -> [skeleton, common_features].
+    - ``paddlerec``: PaddleRec's ``sample_id,click,conversion,field:id,...`` text; ``files``
+      maps split -> [path].
+    - ``table``: CSV or Parquet; either ``path`` (one table with a ``day`` column) or
+      ``files`` mapping split -> [path]; ``columns`` renames file columns to canonical names and
+      ``fields`` gives the feature schema (glob patterns allowed: ``"numerical_*": dense``).
+    """
+
+    source: Literal["simulator", "aliccp_raw", "paddlerec", "table"] = "simulator"
+    path: str | None = None
+    files: dict[Literal["train", "val", "test"], list[str]] | None = None
+    columns: dict[str, str] = Field(default_factory=dict)
+    fields: dict[str, Literal["single", "multi", "dense"]] = Field(default_factory=dict)
+    allow_missing: list[str] = Field(default_factory=list)
+    conversion_without_click: Literal["drop", "clear", "error"] = "drop"
+    simulator: SimulatorSettings = Field(default_factory=SimulatorSettings)
+
+    @model_validator(mode="after")
+    def _source_needs_its_inputs(self) -> DataSettings:
+        if self.source in ("aliccp_raw", "paddlerec") and not self.files:
+            raise ValueError(f"data.source={self.source!r} needs data.files (split -> paths)")
+        if self.source == "table":
+            if not (self.path or self.files):
+                raise ValueError("data.source='table' needs data.path or data.files")
+            if not self.fields:
+                raise ValueError("data.source='table' needs data.fields (column -> kind)")
+        if self.files and "train" not in self.files:
+            raise ValueError(f"data.files needs a 'train' entry, got {sorted(self.files)}")
+        return self
+
+
+class SplitSettings(_Section):
+    """Time split. By ``day``: the last ``test_fraction`` of the days are test (the paper: 1/2),
+    the last ``val_days`` before them validation, the rest training. By file: the files given
+    per split; without a val file the last ``val_fraction`` of the training rows (in file, i.e.
+    time, order) are held out."""
+
+    test_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.5
+    val_days: Annotated[int, Field(ge=1)] = 1
+    val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1
+
+
+class EncodeSettings(_Section):
+    min_count: Annotated[int, Field(ge=1)] = 2
+
+
+class ModelSettings(_Section):
+    kind: Literal["esmm"] = "esmm"
+    embedding_dim: Annotated[int, Field(ge=1, le=1024)] = PAPER_EMBEDDING_DIM
+    tower_dims: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1)] = Field(
+        default_factory=lambda: list(PAPER_TOWER_DIMS)
+    )
+
+
+class TrainSettings(_Section):
+    batch_size: Annotated[int, Field(ge=1)] = 1024
+    epochs: Annotated[int, Field(ge=1)] = 5
+    learning_rate: Annotated[float, Field(gt=0)] = 1e-3
+    adam_betas: tuple[float, float] = (0.9, 0.999)  # the paper's Adam settings
+    adam_eps: Annotated[float, Field(gt=0)] = 1e-8
+    monitor: Literal["cvr_auc_clicked", "ctcvr_auc", "ctr_auc", "val_loss"] = "cvr_auc_clicked"
+    patience: Annotated[int, Field(ge=1)] = 2
+    eval_batch_size: Annotated[int, Field(ge=1)] = 65536
+    threads: Annotated[int, Field(ge=0)] = 0  # 0: torch's default
+
+
+class Config(_Section):
+    name: str = "default"
+    seed: int = 0
+    output_dir: str = "runs/default"
+    data: DataSettings = Field(default_factory=DataSettings)
+    split: SplitSettings = Field(default_factory=SplitSettings)
+    encode: EncodeSettings = Field(default_factory=EncodeSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+
+    @property
+    def output_path(self) -> Path:
+        return Path(self.output_dir)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read ``path`` (defaults only if None), apply ``key=value`` overrides, validate."""
+    source = str(path) if path else "<defaults>"
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML: {error}") from error
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping, got {type(raw).__name__}")
+    for override in overrides or []:
+        key, sep, value = override.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {override!r} must look like key=value (train.epochs=3)")
+        _set_dotted(raw, key.strip(), yaml.safe_load(value), source)
+        source = f"{source} (with overrides)"
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(_describe(error, source)) from None
+
+
+def _set_dotted(raw: dict, key: str, value: Any, source: str) -> None:
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{source}: cannot set {key!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for item in error.errors():
+        key = ".".join(str(p) for p in item["loc"])
+        if not key:  # a check across several keys: its message names them
+            lines.append(f"  - {item['msg'].removeprefix('Value error, ')}")
+        elif item["type"] == "extra_forbidden":
+            lines.append(f"  - unknown key '{key}' (value {item['input']!r})")
+        else:
+            lines.append(f"  - key '{key}': value {item.get('input')!r}: {item['msg']}")
+    return "\n".join(lines)
+
+
+def dump_config(config: Config) -> str:
+    """The resolved configuration as YAML (saved beside every output)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

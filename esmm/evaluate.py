@@ -1,0 +1,73 @@
+"""Stage `evaluate`: score the trained model on the held-out test days and write the metrics.
+
+The model's own saved encoder encodes the test rows (as at serving time), so unseen ids map to
+the out-of-vocabulary embedding exactly as they would in production.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from rich.table import Table
+
+from esmm.config import Config
+from esmm.metrics import evaluate_predictions
+from esmm.models import load_trained_model
+from esmm.prepare import load_prepared
+from esmm.train import predict
+
+METRICS_FILE = "metrics.json"
+
+# What each headline metric measures: the label, the score and the impressions it covers.
+METRIC_DESCRIPTIONS = {
+    "cvr_auc_clicked": "CVR AUC, clicked impressions (label z, score pCVR) - the paper's",
+    "ctcvr_auc": "CTCVR AUC, all impressions (label y*z, score pCTR*pCVR)",
+    "ctr_auc": "CTR AUC, all impressions (label y, score pCTR)",
+    "cvr_auc_all": "CVR AUC, all impressions (label y*z, score pCVR) - rechub/NISE protocol",
+    "cvr_auc_entire_space": "CVR AUC, every impression vs counterfactual labels (simulated)",
+    "cvr_auc_entire_space_true": "  same, expected over the true pCVR (no label noise)",
+    "pcvr_bias_unclicked": "mean(pCVR - true pCVR) on unclicked impressions (simulated)",
+    "pcvr_mae_unclicked": "mean |pCVR - true pCVR| on unclicked impressions (simulated)",
+    "ctr_logloss": "CTR log loss",
+    "ctcvr_logloss": "CTCVR log loss",
+    "cvr_logloss_clicked": "CVR log loss on clicked impressions",
+    "ctr_calibration": "CTR mean predicted / observed",
+    "cvr_calibration_clicked": "CVR mean predicted / observed, clicked impressions",
+    "ctcvr_calibration": "CTCVR mean predicted / observed",
+    "cvr_ece_clicked": "CVR expected calibration error, clicked impressions",
+}
+
+
+def evaluate_stage(config: Config, split: str = "test") -> dict[str, float]:
+    model, encoder, spec = load_trained_model(config.output_path / "model")
+    table = load_prepared(config).tables[split]
+    encoded = encoder.encode_split(table)
+    pctr, pcvr = predict(model, encoded.features, config.train.eval_batch_size)
+    metrics = evaluate_predictions(
+        encoded.click.numpy(), encoded.conversion.numpy(), pctr, pcvr, encoded.true_cvr
+    )
+    report = {"model": spec, "split": split, "rows": table.num_rows, "metrics": metrics}
+    _write_json_atomic(config.output_path / METRICS_FILE, report)
+    return metrics
+
+
+def metrics_table(metrics: dict[str, float], title: str = "Test metrics") -> Table:
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_column("what it measures")
+    for name, description in METRIC_DESCRIPTIONS.items():
+        if name in metrics:
+            table.add_row(name, f"{metrics[name]:.4f}", description)
+    return table
+
+
+def _write_json_atomic(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(payload, handle, indent=2)
+    os.replace(tmp, path)

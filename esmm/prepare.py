@@ -1,0 +1,122 @@
+"""Stage `prepare`: load the source, check it, split it by time, fit the encoders on train.
+
+Output folder ``<output_dir>/prepared``: ``train.parquet``, ``val.parquet``, ``test.parquet``
+(canonical rows), ``encoder/`` (fitted on train only) and ``manifest.json`` (row, click and
+conversion counts per split, the schema, a fingerprint of the data). Written to a temporary
+folder and renamed, so a failed prepare leaves the previous output untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from esmm.config import Config
+from esmm.data.encode import FeatureEncoder
+from esmm.data.sources import load_splits
+from esmm.data.split import SPLITS
+from esmm.data.table import CLICK, CONVERSION, DataError
+
+log = logging.getLogger(__name__)
+
+PREPARED_FOLDER = "prepared"
+MANIFEST_FILE = "manifest.json"
+
+
+@dataclass
+class PreparedData:
+    tables: dict[str, pa.Table]
+    encoder: FeatureEncoder
+    manifest: dict
+
+
+def prepared_path(config: Config) -> Path:
+    return config.output_path / PREPARED_FOLDER
+
+
+def split_summary(table: pa.Table) -> dict:
+    clicks = int(pc.sum(table[CLICK]).as_py() or 0)
+    conversions = int(pc.sum(table[CONVERSION]).as_py() or 0)
+    return {
+        "rows": table.num_rows,
+        "clicks": clicks,
+        "conversions": conversions,
+        "ctr": clicks / table.num_rows if table.num_rows else float("nan"),
+        "cvr_per_click": conversions / clicks if clicks else float("nan"),
+    }
+
+
+def table_fingerprint(tables: dict[str, pa.Table]) -> str:
+    """A content hash of the split tables (their Arrow IPC bytes), for tagging runs and caching."""
+    digest = hashlib.sha256()
+    for name in SPLITS:
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, tables[name].schema) as writer:
+            writer.write_table(tables[name])
+        digest.update(name.encode())
+        digest.update(sink.getvalue())
+    return digest.hexdigest()[:16]
+
+
+def prepare(config: Config) -> PreparedData:
+    tables, schema = load_splits(config)
+    for name in SPLITS:
+        if tables[name].num_rows == 0:
+            raise DataError(f"the {name} split is empty after splitting")
+    encoder = FeatureEncoder.fit(tables["train"], schema, config.encode.min_count)
+    manifest = {
+        "source": config.data.source,
+        "schema": schema.to_dict(),
+        "splits": {name: split_summary(tables[name]) for name in SPLITS},
+        "fingerprint": table_fingerprint(tables),
+        "cardinalities": encoder.cardinalities,
+    }
+    for name in SPLITS:
+        summary = manifest["splits"][name]
+        if summary["clicks"] == 0:
+            raise DataError(f"the {name} split has no clicks; CTR and CVR cannot be learned")
+        log.info(
+            "%-5s %9d rows  %7d clicks (CTR %.3f%%)  %6d conversions (%.2f%% per click)",
+            name,
+            summary["rows"],
+            summary["clicks"],
+            100 * summary["ctr"],
+            summary["conversions"],
+            100 * summary["cvr_per_click"],
+        )
+
+    folder = prepared_path(config)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        for name in SPLITS:
+            pq.write_table(tables[name], staging / f"{name}.parquet")
+        encoder.save(staging / "encoder")
+        (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return PreparedData(tables, encoder, manifest)
+
+
+def load_prepared(config: Config) -> PreparedData:
+    folder = prepared_path(config)
+    manifest_path = folder / MANIFEST_FILE
+    if not manifest_path.exists():
+        raise DataError(f"{folder}: no prepared data; run `esmm prepare` first")
+    tables = {name: pq.read_table(folder / f"{name}.parquet") for name in SPLITS}
+    encoder = FeatureEncoder.load(folder / "encoder")
+    return PreparedData(tables, encoder, json.loads(manifest_path.read_text()))

@@ -1,0 +1,327 @@
+"""The trainer: Adam with the paper's settings, sparse embedding updates, early stopping on a
+validation metric, a checkpoint after every epoch and exact resumption.
+
+Reproducibility: each epoch's shuffling comes from a generator seeded by (seed, epoch), and
+the checkpoint holds the weights, both optimizers' states and the early-stopping state, so a
+run killed at any point and resumed from its last checkpoint ends with the same weights as a
+run that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn, TimeRemainingColumn
+from rich.text import Text
+from torch import nn
+
+from esmm.config import Config, TrainSettings
+from esmm.data.encode import EncodedFeatures, EncodedSplit
+from esmm.metrics import evaluate_predictions
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "last.pt"
+LOWER_IS_BETTER = {"val_loss"}
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss stopped being a finite number; training cannot go on."""
+
+
+@dataclass
+class EpochResult:
+    epoch: int  # 1-based
+    train_loss: float
+    val_metrics: dict[str, float]
+    seconds: float
+    samples_per_second: float
+
+
+@dataclass
+class TrainingResult:
+    history: list[EpochResult] = field(default_factory=list)
+    best_epoch: int = 0
+    best_value: float = float("nan")
+    monitor: str = ""
+    stopped_early: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+EpochCallback = Callable[[EpochResult], None]
+
+
+def build_optimizers(model: nn.Module, settings: TrainSettings) -> list[torch.optim.Optimizer]:
+    """SparseAdam for sparse-gradient embeddings (cost per step proportional to the rows a
+    batch touched, not to the vocabulary), Adam for everything else; same betas and eps."""
+    sparse_params, dense_params = [], []
+    for module in model.modules():
+        if isinstance(module, nn.Embedding) and module.sparse:
+            sparse_params.append(module.weight)
+    sparse_ids = {id(p) for p in sparse_params}
+    dense_params = [p for p in model.parameters() if id(p) not in sparse_ids]
+    kwargs = {"lr": settings.learning_rate, "betas": settings.adam_betas, "eps": settings.adam_eps}
+    optimizers: list[torch.optim.Optimizer] = []
+    if sparse_params:
+        optimizers.append(torch.optim.SparseAdam(sparse_params, **kwargs))
+    if dense_params:
+        optimizers.append(torch.optim.Adam(dense_params, **kwargs))
+    return optimizers
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module, features: EncodedFeatures, batch_size: int = 65536
+) -> tuple[np.ndarray, np.ndarray]:
+    """pCTR and pCVR for every row, scored in contiguous slices in eval mode."""
+    was_training = model.training
+    model.eval()
+    pctr, pcvr = [], []
+    for start in range(0, len(features), batch_size):
+        output = model(features.slice(start, min(start + batch_size, len(features))))
+        pctr.append(output.pctr)
+        pcvr.append(output.pcvr)
+    model.train(was_training)
+    return torch.cat(pctr).numpy(), torch.cat(pcvr).numpy()
+
+
+@torch.no_grad()
+def validation_loss(model: nn.Module, split: EncodedSplit, batch_size: int) -> float:
+    model.eval()
+    total = 0.0
+    for start in range(0, len(split), batch_size):
+        stop = min(start + batch_size, len(split))
+        output = model(split.features.slice(start, stop))
+        loss, _ = model.loss(output, split.click[start:stop], split.conversion[start:stop])
+        total += float(loss) * (stop - start)
+    return total / len(split)
+
+
+def evaluate_split(model: nn.Module, split: EncodedSplit, batch_size: int) -> dict[str, float]:
+    pctr, pcvr = predict(model, split.features, batch_size)
+    metrics = evaluate_predictions(
+        split.click.numpy(), split.conversion.numpy(), pctr, pcvr, split.true_cvr
+    )
+    metrics["val_loss"] = validation_loss(model, split, batch_size)
+    return metrics
+
+
+def train_model(
+    model: nn.Module,
+    train: EncodedSplit,
+    val: EncodedSplit,
+    settings: TrainSettings,
+    *,
+    seed: int,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    callbacks: list[EpochCallback] | None = None,
+    progress: bool = True,
+) -> TrainingResult:
+    """Train ``model`` in place; on return it holds the weights of the best validation epoch."""
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    optimizers = build_optimizers(model, settings)
+    monitor = settings.monitor
+    sign = -1.0 if monitor in LOWER_IS_BETTER else 1.0
+    result = TrainingResult(monitor=monitor)
+    best_state = copy.deepcopy(model.state_dict())
+    stale_epochs = 0
+    start_epoch = 0
+    checkpoint_path = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir else None
+
+    if resume and checkpoint_path is not None and checkpoint_path.exists():
+        state = torch.load(checkpoint_path, weights_only=False)
+        model.load_state_dict(state["model"])
+        for optimizer, optimizer_state in zip(optimizers, state["optimizers"], strict=True):
+            optimizer.load_state_dict(optimizer_state)
+        best_state = state["best_model"]
+        stale_epochs = state["stale_epochs"]
+        start_epoch = state["epochs_done"]
+        result = TrainingResult(
+            **{**state["result"], "history": [EpochResult(**h) for h in state["result"]["history"]]}
+        )
+        log.info("resuming from %s after epoch %d", checkpoint_path, start_epoch)
+        if state.get("finished"):
+            model.load_state_dict(best_state)
+            return result
+    elif resume:
+        log.info("no checkpoint to resume from in %s; starting fresh", checkpoint_dir)
+
+    n_rows = len(train)
+    for epoch in range(start_epoch, settings.epochs):
+        started = time.perf_counter()
+        train_loss = _run_epoch(model, optimizers, train, settings, seed, epoch, progress)
+        seconds = time.perf_counter() - started
+        val_metrics = evaluate_split(model, val, settings.eval_batch_size)
+        epoch_result = EpochResult(epoch + 1, train_loss, val_metrics, seconds, n_rows / seconds)
+        result.history.append(epoch_result)
+
+        value = val_metrics[monitor]
+        if result.best_epoch == 0 or (
+            math.isfinite(value) and sign * value > sign * result.best_value
+        ):
+            result.best_epoch, result.best_value = epoch + 1, value
+            best_state = copy.deepcopy(model.state_dict())
+            stale_epochs = 0
+        else:
+            stale_epochs += 1
+        result.stopped_early = stale_epochs >= settings.patience
+        finished = result.stopped_early or epoch + 1 == settings.epochs
+        log.info(
+            "epoch %d/%d  loss %.5f  val %s %.4f  ctcvr_auc %.4f  ctr_auc %.4f  %.0f samples/s%s",
+            epoch + 1,
+            settings.epochs,
+            train_loss,
+            monitor,
+            value,
+            val_metrics["ctcvr_auc"],
+            val_metrics["ctr_auc"],
+            epoch_result.samples_per_second,
+            "  (best)" if result.best_epoch == epoch + 1 else "",
+        )
+        if checkpoint_path is not None:
+            _save_checkpoint(
+                checkpoint_path,
+                {
+                    "model": model.state_dict(),
+                    "optimizers": [o.state_dict() for o in optimizers],
+                    "best_model": best_state,
+                    "stale_epochs": stale_epochs,
+                    "epochs_done": epoch + 1,
+                    "result": result.to_dict(),
+                    "finished": finished,
+                },
+            )
+        for callback in callbacks or []:
+            callback(epoch_result)
+        if result.stopped_early:
+            log.info("early stop: %s has not improved for %d epochs", monitor, stale_epochs)
+            break
+    model.load_state_dict(best_state)
+    return result
+
+
+def _run_epoch(
+    model: nn.Module,
+    optimizers: list[torch.optim.Optimizer],
+    train: EncodedSplit,
+    settings: TrainSettings,
+    seed: int,
+    epoch: int,
+    progress: bool,
+) -> float:
+    model.train()
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(len(train), generator=generator)
+    batch_size = settings.batch_size
+    n_batches = math.ceil(len(train) / batch_size)
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    with _progress_bar(progress) as bar:
+        task = bar.add_task(f"epoch {epoch + 1}/{settings.epochs}", total=len(train))
+        for step in range(n_batches):
+            rows = order[step * batch_size : (step + 1) * batch_size]
+            output = model(train.features.take(rows))
+            loss, _ = model.loss(output, train.click[rows], train.conversion[rows])
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(
+                    f"loss became {float(loss)} at epoch {epoch + 1}, step {step + 1}/{n_batches} "
+                    f"(learning_rate={settings.learning_rate}); lower train.learning_rate or "
+                    "check the input features"
+                )
+            for optimizer in optimizers:
+                optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            for optimizer in optimizers:
+                optimizer.step()
+            loss_sum += loss.detach() * rows.numel()
+            if step % 20 == 0 or step == n_batches - 1:
+                bar.update(task, completed=min((step + 1) * batch_size, len(train)))
+    return float(loss_sum) / len(train)
+
+
+class SamplesPerSecondColumn(ProgressColumn):
+    def render(self, task: Task) -> Text:
+        return Text(f"{task.speed:,.0f} samples/s" if task.speed else "")
+
+
+def _progress_bar(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed:,}/{task.total:,} samples"),
+        SamplesPerSecondColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        disable=not enabled,
+        transient=True,
+    )
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    """torch.save to a temporary file beside ``path``, then rename: a kill never leaves a
+    truncated checkpoint under the real name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def train_stage(
+    config: Config, *, resume: bool = False, progress: bool = True
+) -> tuple[nn.Module, TrainingResult]:
+    """Stage `train`: build the configured model on the prepared data, train it, and save it
+    (weights, spec and encoder) to ``<output_dir>/model``."""
+    from esmm.models import build_model, save_trained_model
+    from esmm.prepare import load_prepared
+
+    prepared = load_prepared(config)
+    encoder = prepared.encoder
+    train = encoder.encode_split(prepared.tables["train"])
+    val = encoder.encode_split(prepared.tables["val"])
+    log.info(
+        "training %s on %d impressions, validating on %d", config.model.kind, len(train), len(val)
+    )
+    torch.manual_seed(config.seed)
+    model = build_model(
+        config.model.kind, encoder, config.model.embedding_dim, config.model.tower_dims
+    )
+    result = train_model(
+        model,
+        train,
+        val,
+        config.train,
+        seed=config.seed,
+        checkpoint_dir=config.output_path / "checkpoints",
+        resume=resume,
+        progress=progress,
+    )
+    spec = {
+        "kind": config.model.kind,
+        "embedding_dim": config.model.embedding_dim,
+        "tower_dims": list(config.model.tower_dims),
+        "best_epoch": result.best_epoch,
+        "monitor": result.monitor,
+        "best_value": result.best_value,
+        "data_fingerprint": prepared.manifest["fingerprint"],
+    }
+    save_trained_model(model, encoder, spec, config.output_path / "model")
+    return model, result
