@@ -55,14 +55,14 @@ def _clear_errors():
     message and exit non-zero, instead of a traceback."""
     from esmm.config import ConfigError
     from esmm.data.table import DataError
-    from esmm.train import TrainingDiverged
+    from esmm.train import CheckpointMismatch, TrainingDiverged
 
     try:
         yield
     except ConfigError as error:
         error_console.print(f"[bold red]config error:[/] {error}", markup=True, highlight=False)
         raise typer.Exit(2) from None
-    except (DataError, TrainingDiverged, FileNotFoundError) as error:
+    except (DataError, TrainingDiverged, CheckpointMismatch, FileNotFoundError) as error:
         kind = type(error).__name__
         error_console.print(f"[bold red]{kind}:[/] {error}", markup=True, highlight=False)
         raise typer.Exit(1) from None

@@ -10,6 +10,8 @@ run that was never interrupted.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import logging
 import math
 import os
@@ -38,6 +40,10 @@ LOWER_IS_BETTER = {"val_loss"}
 
 class TrainingDiverged(RuntimeError):
     """The loss stopped being a finite number; training cannot go on."""
+
+
+class CheckpointMismatch(ValueError):
+    """The checkpoint to resume from belongs to a run with other data, model or settings."""
 
 
 @dataclass
@@ -130,8 +136,12 @@ def train_model(
     resume: bool = False,
     callbacks: list[EpochCallback] | None = None,
     progress: bool = True,
+    signature: str = "",
 ) -> TrainingResult:
-    """Train ``model`` in place; on return it holds the weights of the best validation epoch."""
+    """Train ``model`` in place; on return it holds the weights of the best validation epoch.
+
+    ``signature`` identifies the data, model and settings; resuming from a checkpoint written
+    under another signature is refused rather than silently mixing two runs."""
     if settings.threads:
         torch.set_num_threads(settings.threads)
     optimizers = build_optimizers(model, settings)
@@ -145,6 +155,12 @@ def train_model(
 
     if resume and checkpoint_path is not None and checkpoint_path.exists():
         state = torch.load(checkpoint_path, weights_only=False)
+        if state.get("signature", "") != signature:
+            raise CheckpointMismatch(
+                f"{checkpoint_path} was written by a run with other data, model or settings "
+                f"(signature {state.get('signature')!r}, this run {signature!r}); "
+                "train without --resume or use another output_dir"
+            )
         model.load_state_dict(state["model"])
         for optimizer, optimizer_state in zip(optimizers, state["optimizers"], strict=True):
             optimizer.load_state_dict(optimizer_state)
@@ -238,7 +254,7 @@ def _run_epoch(
             loss, _ = model.loss(output, train.click[rows], train.conversion[rows])
             if not torch.isfinite(loss):
                 raise TrainingDiverged(
-                    f"loss became {float(loss)} at epoch {epoch + 1}, step {step + 1}/{n_batches} "
+                    f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}/{n_batches} "
                     f"(learning_rate={settings.learning_rate}); lower train.learning_rate or "
                     "check the input features"
                 )
@@ -283,6 +299,18 @@ def _save_checkpoint(path: Path, state: dict) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def run_signature(config: Config, data_fingerprint: str) -> str:
+    """What a checkpoint must match to be resumed: data, seed, model and training settings
+    (the epoch budget may grow, so ``epochs`` is left out)."""
+    identity = {
+        "data": data_fingerprint,
+        "seed": config.seed,
+        "model": config.model.model_dump(mode="json"),
+        "train": config.train.model_dump(mode="json", exclude={"epochs", "threads"}),
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def train_stage(
