@@ -146,7 +146,7 @@ def test_diverging_loss_is_a_clear_error(data):
 
 
 def test_predictions_are_probabilities_in_unit_interval(data):
-    encoder, train, val = data
+    encoder, _, val = data
     pctr, pcvr = predict(fresh_model(encoder), val.features, batch_size=333)
     assert pctr.shape == pcvr.shape == (len(val),)
     assert ((pctr > 0) & (pctr < 1) & (pcvr > 0) & (pcvr < 1)).all()
