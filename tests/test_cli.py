@@ -20,9 +20,9 @@ def write_config(tmp_path, text: str):
 SMALL_SIMULATION = """
 data:
   source: simulator
-  simulator: {rows: 40000, days: 4, seed: 1}
+  simulator: {rows: 60000, days: 4, seed: 1}
 model: {embedding_dim: 8, tower_dims: [64, 32]}
-train: {epochs: 2, batch_size: 512}
+train: {epochs: 3, batch_size: 512, learning_rate: 0.005}
 """
 
 
