@@ -23,7 +23,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console()
-error_console = Console(stderr=True)
 log = logging.getLogger("esmm")
 
 ConfigOption = Annotated[
@@ -40,11 +39,13 @@ DEFAULT_CONFIG = Path("conf/default.yaml")
 def _setup_logging() -> None:
     from rich.logging import RichHandler
 
+    from esmm.progress import STDERR
+
     logging.basicConfig(
         level=logging.INFO,
         format="%(message)s",
         datefmt="%H:%M:%S",
-        handlers=[RichHandler(console=error_console, show_path=False, markup=False)],
+        handlers=[RichHandler(console=STDERR, show_path=False, markup=False)],
         force=True,
     )
 
@@ -55,16 +56,17 @@ def _clear_errors():
     message and exit non-zero, instead of a traceback."""
     from esmm.config import ConfigError
     from esmm.data.table import DataError
+    from esmm.progress import STDERR
     from esmm.train import CheckpointMismatch, TrainingDiverged
 
     try:
         yield
     except ConfigError as error:
-        error_console.print(f"[bold red]config error:[/] {error}", markup=True, highlight=False)
+        STDERR.print(f"[bold red]config error:[/] {error}", markup=True, highlight=False)
         raise typer.Exit(2) from None
     except (DataError, TrainingDiverged, CheckpointMismatch, FileNotFoundError) as error:
         kind = type(error).__name__
-        error_console.print(f"[bold red]{kind}:[/] {error}", markup=True, highlight=False)
+        STDERR.print(f"[bold red]{kind}:[/] {error}", markup=True, highlight=False)
         raise typer.Exit(1) from None
 
 

@@ -23,14 +23,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from rich.console import Console
-from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn, TimeRemainingColumn
-from rich.text import Text
 from torch import nn
 
 from esmm.config import Config, TrainSettings
 from esmm.data.encode import EncodedFeatures, EncodedSplit
 from esmm.metrics import evaluate_predictions
+from esmm.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -246,7 +244,7 @@ def _run_epoch(
     batch_size = settings.batch_size
     n_batches = math.ceil(len(train) / batch_size)
     loss_sum = torch.zeros((), dtype=torch.float64)
-    with _progress_bar(progress) as bar:
+    with progress_bar("samples", enabled=progress) as bar:
         task = bar.add_task(f"epoch {epoch + 1}/{settings.epochs}", total=len(train))
         for step in range(n_batches):
             rows = order[step * batch_size : (step + 1) * batch_size]
@@ -267,24 +265,6 @@ def _run_epoch(
             if step % 20 == 0 or step == n_batches - 1:
                 bar.update(task, completed=min((step + 1) * batch_size, len(train)))
     return float(loss_sum) / len(train)
-
-
-class SamplesPerSecondColumn(ProgressColumn):
-    def render(self, task: Task) -> Text:
-        return Text(f"{task.speed:,.0f} samples/s" if task.speed else "")
-
-
-def _progress_bar(enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed:,}/{task.total:,} samples"),
-        SamplesPerSecondColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        disable=not enabled,
-        transient=True,
-    )
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:

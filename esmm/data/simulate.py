@@ -205,10 +205,9 @@ def _progress(description: str, total: int, *, enabled: bool) -> Iterator[Callab
     if not enabled:
         yield lambda _: None
         return
-    from rich.console import Console
-    from rich.progress import Progress
+    from esmm.progress import progress_bar
 
-    with Progress(console=Console(stderr=True)) as bar:
+    with progress_bar("rows") as bar:
         task = bar.add_task(description, total=total)
         yield lambda n: bar.advance(task, n)
 

@@ -1,0 +1,36 @@
+"""Progress bars and log output share one stderr console, so bars and log lines never tangle
+and stdout stays clean for tables and results."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn, TimeRemainingColumn
+from rich.text import Text
+
+STDERR = Console(stderr=True)
+
+
+class RateColumn(ProgressColumn):
+    """Throughput in the bar's own unit (samples/s, rows/s, lines/s)."""
+
+    def __init__(self, unit: str) -> None:
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task: Task) -> Text:
+        return Text(f"{task.speed:,.0f} {self.unit}/s" if task.speed else "")
+
+
+def progress_bar(unit: str, *, enabled: bool = True) -> Progress:
+    """A transient bar: description, bar, done/total, rate and time remaining. Shown only on
+    a terminal: in CI logs and pipes the per-stage log lines carry the throughput instead."""
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed:,}/{task.total:,} " + unit),
+        RateColumn(unit),
+        TimeRemainingColumn(),
+        console=STDERR,
+        disable=not (enabled and STDERR.is_terminal),
+        transient=True,
+    )
