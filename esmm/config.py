@@ -26,7 +26,7 @@ class _Section(BaseModel):
 
 class SimulatorSettings(_Section):
     preset: str = "default"
-    rows: Annotated[int, Field(gt=0)] = 400_000
+    rows: Annotated[int, Field(gt=0)] = 1_000_000
     days: Annotated[int, Field(gt=1)] = 8
     seed: int = 0
 
