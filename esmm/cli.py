@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
 app = typer.Typer(
     help="ESMM (Entire Space Multi-Task Model) for post-click conversion-rate estimation.\n\n"
@@ -22,7 +21,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
 log = logging.getLogger("esmm")
 
 ConfigOption = Annotated[
@@ -62,11 +60,13 @@ def _clear_errors():
     try:
         yield
     except ConfigError as error:
-        STDERR.print(f"[bold red]config error:[/] {error}", markup=True, highlight=False)
+        STDERR.print(
+            f"[bold red]config error:[/] {error}", markup=True, highlight=False, soft_wrap=True
+        )
         raise typer.Exit(2) from None
     except (DataError, TrainingDiverged, CheckpointMismatch, FileNotFoundError) as error:
         kind = type(error).__name__
-        STDERR.print(f"[bold red]{kind}:[/] {error}", markup=True, highlight=False)
+        STDERR.print(f"[bold red]{kind}:[/] {error}", markup=True, highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
 
 
@@ -170,10 +170,11 @@ def evaluate(config: ConfigOption = DEFAULT_CONFIG, overrides: SetOption = None)
     """Score the trained model on the test split and print the metrics table."""
     with _clear_errors():
         from esmm.evaluate import evaluate_stage, metrics_table
+        from esmm.progress import STDOUT
 
         cfg = _load(config, overrides)
         metrics = evaluate_stage(cfg)
-        console.print(metrics_table(metrics, f"Test metrics ({cfg.name}, {cfg.model.kind})"))
+        STDOUT.print(metrics_table(metrics, f"Test metrics ({cfg.name}, {cfg.model.kind})"))
         log.info("metrics written to %s", cfg.output_path / "metrics.json")
 
 

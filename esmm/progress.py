@@ -1,5 +1,5 @@
-"""Progress bars and log output share one stderr console, so bars and log lines never tangle
-and stdout stays clean for tables and results."""
+"""The consoles: progress bars and log output share one stderr console, so bars and log lines
+never tangle, and stdout is kept for tables and results."""
 
 from __future__ import annotations
 
@@ -7,7 +7,16 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
-STDERR = Console(stderr=True)
+PIPE_WIDTH = 140  # logs and tables piped to a file or CI log are not cut at 80 columns
+
+
+def make_console(stderr: bool) -> Console:
+    console = Console(stderr=stderr)
+    return console if console.is_terminal else Console(stderr=stderr, width=PIPE_WIDTH)
+
+
+STDERR = make_console(stderr=True)
+STDOUT = make_console(stderr=False)
 
 
 class RateColumn(ProgressColumn):
