@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from esmm.models import MODEL_KINDS
 from esmm.models.esmm import PAPER_EMBEDDING_DIM, PAPER_TOWER_DIMS
 
 
@@ -81,12 +82,25 @@ class EncodeSettings(_Section):
     min_count: Annotated[int, Field(ge=1)] = 2
 
 
+ModelKind = Literal[MODEL_KINDS]  # type: ignore[valid-type]
+
+
 class ModelSettings(_Section):
-    kind: Literal["esmm"] = "esmm"
+    """The model and its size; every kind uses the same embedding and tower sizes.
+
+    Kinds: ``esmm``; the paper's comparison ``base``, ``aman``, ``oversampling``, ``unbias``,
+    ``division``, ``esmm_ns``; ESCM2's ``escm2_ipw`` and ``escm2_dr``; ``ctr`` (a lone CTR
+    network, the paper's shared reference for CTCVR AUC)."""
+
+    kind: ModelKind = "esmm"
     embedding_dim: Annotated[int, Field(ge=1, le=1024)] = PAPER_EMBEDDING_DIM
     tower_dims: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1)] = Field(
         default_factory=lambda: list(PAPER_TOWER_DIMS)
     )
+    negative_rate: Annotated[float, Field(gt=0, le=1)] = 0.1  # aman: share of unclicked kept
+    oversampling_factor: Annotated[int, Field(ge=1)] = 5  # oversampling: uses per conversion
+    counterfactual_weight: Annotated[float, Field(ge=0)] = 1.0  # escm2: weight of the CVR risk
+    propensity_clip: Annotated[float, Field(gt=0, le=1)] = 0.05  # escm2: lower bound on pCTR
 
 
 class TrainSettings(_Section):

@@ -82,36 +82,46 @@ def expected_calibration_error(
 def evaluate_predictions(
     click: np.ndarray,
     conversion: np.ndarray,
-    pctr: np.ndarray,
-    pcvr: np.ndarray,
+    pctr: np.ndarray | None,
+    pcvr: np.ndarray | None,
     true_cvr: np.ndarray | None = None,
     reference_pctr: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """All metrics for one set of predictions. ``reference_pctr`` (from an independently
-    trained CTR network shared by every compared model, as in the paper) adds
-    ``ctcvr_auc_reference_ctr``; ``true_cvr`` (simulated data) adds the entire-space metrics."""
+    """All metrics for one set of predictions. ``pctr`` is None for models without a CTR
+    output of their own (BASE and its variants), ``pcvr`` None for a lone CTR network.
+    ``reference_pctr`` (from an independently trained CTR network shared by every compared
+    model, as in the paper) adds ``ctcvr_auc_reference_ctr``; ``true_cvr`` (simulated data)
+    adds the entire-space metrics."""
     click = np.asarray(click).astype(np.int8, copy=False).ravel()
     conversion = np.asarray(conversion).astype(np.int8, copy=False).ravel()
-    pctr = np.asarray(pctr, dtype=np.float64).ravel()
-    pcvr = np.asarray(pcvr, dtype=np.float64).ravel()
     clicked = click == 1
     ctcvr_label = click * conversion
-    pctcvr = pctr * pcvr
-
-    metrics = {
+    metrics: dict[str, float] = {}
+    if pctr is not None:
+        pctr = np.asarray(pctr, dtype=np.float64).ravel()
+        metrics |= {
+            "ctr_auc": auc(click, pctr),
+            "ctr_logloss": log_loss(click, pctr),
+            "ctr_calibration": calibration_ratio(click, pctr),
+            "ctr_ece": expected_calibration_error(click, pctr),
+        }
+    if pcvr is None:
+        return metrics
+    pcvr = np.asarray(pcvr, dtype=np.float64).ravel()
+    metrics |= {
         "cvr_auc_clicked": auc(conversion[clicked], pcvr[clicked]),
-        "ctcvr_auc": auc(ctcvr_label, pctcvr),
-        "ctr_auc": auc(click, pctr),
         "cvr_auc_all": auc(ctcvr_label, pcvr),
-        "ctr_logloss": log_loss(click, pctr),
-        "ctcvr_logloss": log_loss(ctcvr_label, pctcvr),
         "cvr_logloss_clicked": log_loss(conversion[clicked], pcvr[clicked]),
-        "ctr_calibration": calibration_ratio(click, pctr),
-        "ctcvr_calibration": calibration_ratio(ctcvr_label, pctcvr),
         "cvr_calibration_clicked": calibration_ratio(conversion[clicked], pcvr[clicked]),
-        "ctr_ece": expected_calibration_error(click, pctr),
         "cvr_ece_clicked": expected_calibration_error(conversion[clicked], pcvr[clicked]),
     }
+    if pctr is not None:
+        pctcvr = pctr * pcvr
+        metrics |= {
+            "ctcvr_auc": auc(ctcvr_label, pctcvr),
+            "ctcvr_logloss": log_loss(ctcvr_label, pctcvr),
+            "ctcvr_calibration": calibration_ratio(ctcvr_label, pctcvr),
+        }
     if reference_pctr is not None:
         reference = np.asarray(reference_pctr, dtype=np.float64).ravel()
         metrics["ctcvr_auc_reference_ctr"] = auc(ctcvr_label, reference * pcvr)

@@ -25,8 +25,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from esmm.config import Config, TrainSettings
-from esmm.data.encode import EncodedFeatures, EncodedSplit
+from esmm.config import Config, ModelSettings, TrainSettings
+from esmm.data.encode import EncodedFeatures, EncodedSplit, FeatureEncoder
+from esmm.data.table import DataError
 from esmm.metrics import evaluate_predictions
 from esmm.progress import progress_bar
 
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "last.pt"
 LOWER_IS_BETTER = {"val_loss"}
+NO_OWN_PCTR = {"base", "aman", "oversampling", "unbias"}
 
 
 class TrainingDiverged(RuntimeError):
@@ -89,8 +91,9 @@ def build_optimizers(model: nn.Module, settings: TrainSettings) -> list[torch.op
 @torch.no_grad()
 def predict(
     model: nn.Module, features: EncodedFeatures, batch_size: int = 65536
-) -> tuple[np.ndarray, np.ndarray]:
-    """pCTR and pCVR for every row, scored in contiguous slices in eval mode."""
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """pCTR and pCVR for every row, scored in contiguous slices in eval mode; None for an
+    output the model does not have (BASE has no pCTR, the CTR network no pCVR)."""
     was_training = model.training
     model.eval()
     pctr, pcvr = [], []
@@ -99,7 +102,11 @@ def predict(
         pctr.append(output.pctr)
         pcvr.append(output.pcvr)
     model.train(was_training)
-    return torch.cat(pctr).numpy(), torch.cat(pcvr).numpy()
+    return _concat(pctr), _concat(pcvr)
+
+
+def _concat(parts: list[torch.Tensor | None]) -> np.ndarray | None:
+    return None if parts[0] is None else torch.cat(parts).numpy()
 
 
 @torch.no_grad()
@@ -175,10 +182,11 @@ def train_model(
     elif resume:
         log.info("no checkpoint to resume from in %s; starting fresh", checkpoint_dir)
 
-    n_rows = len(train)
+    rows = _training_rows(model, train, seed)
+    n_rows = len(train) if rows is None else rows.numel()
     for epoch in range(start_epoch, settings.epochs):
         started = time.perf_counter()
-        train_loss = _run_epoch(model, optimizers, train, settings, seed, epoch, progress)
+        train_loss = _run_epoch(model, optimizers, train, rows, settings, seed, epoch, progress)
         seconds = time.perf_counter() - started
         val_metrics = evaluate_split(model, val, settings.eval_batch_size)
         epoch_result = EpochResult(epoch + 1, train_loss, val_metrics, seconds, n_rows / seconds)
@@ -195,15 +203,19 @@ def train_model(
             stale_epochs += 1
         result.stopped_early = stale_epochs >= settings.patience
         finished = result.stopped_early or epoch + 1 == settings.epochs
+        headline = "  ".join(
+            f"{name} {val_metrics[name]:.4f}"
+            for name in ("cvr_auc_clicked", "ctcvr_auc", "ctr_auc")
+            if name in val_metrics and name != monitor
+        )
         log.info(
-            "epoch %d/%d  loss %.5f  val %s %.4f  ctcvr_auc %.4f  ctr_auc %.4f  %.0f samples/s%s",
+            "epoch %d/%d  loss %.5f  val %s %.4f  %s  %.0f samples/s%s",
             epoch + 1,
             settings.epochs,
             train_loss,
             monitor,
             value,
-            val_metrics["ctcvr_auc"],
-            val_metrics["ctr_auc"],
+            headline,
             epoch_result.samples_per_second,
             "  (best)" if result.best_epoch == epoch + 1 else "",
         )
@@ -229,10 +241,25 @@ def train_model(
     return result
 
 
+def _training_rows(model: nn.Module, train: EncodedSplit, seed: int) -> torch.Tensor | None:
+    """The rows a model trains on, for models that choose them (BASE: clicked impressions;
+    AMAN, OVERSAMPLING, UNBIAS: their samples); None means every row. Drawn from the seed
+    alone, so a resumed run trains on the same rows."""
+    choose = getattr(model, "training_rows", None)
+    if choose is None:
+        return None
+    rows = choose(train, torch.Generator().manual_seed(seed * 1_000_003 - 1))
+    if rows.numel() == 0:
+        raise DataError(f"{type(model).__name__} selected no training rows (no clicks?)")
+    log.info("%s trains on %d of %d rows", type(model).__name__, rows.numel(), len(train))
+    return rows
+
+
 def _run_epoch(
     model: nn.Module,
     optimizers: list[torch.optim.Optimizer],
     train: EncodedSplit,
+    rows: torch.Tensor | None,
     settings: TrainSettings,
     seed: int,
     epoch: int,
@@ -240,16 +267,19 @@ def _run_epoch(
 ) -> float:
     model.train()
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    order = torch.randperm(len(train), generator=generator)
+    n_rows = len(train) if rows is None else rows.numel()
+    order = torch.randperm(n_rows, generator=generator)
+    if rows is not None:
+        order = rows[order]
     batch_size = settings.batch_size
-    n_batches = math.ceil(len(train) / batch_size)
+    n_batches = math.ceil(n_rows / batch_size)
     loss_sum = torch.zeros((), dtype=torch.float64)
     with progress_bar("samples", enabled=progress) as bar:
-        task = bar.add_task(f"epoch {epoch + 1}/{settings.epochs}", total=len(train))
+        task = bar.add_task(f"epoch {epoch + 1}/{settings.epochs}", total=n_rows)
         for step in range(n_batches):
-            rows = order[step * batch_size : (step + 1) * batch_size]
-            output = model(train.features.take(rows))
-            loss, _ = model.loss(output, train.click[rows], train.conversion[rows])
+            batch = order[step * batch_size : (step + 1) * batch_size]
+            output = model(train.features.take(batch))
+            loss, _ = model.loss(output, train.click[batch], train.conversion[batch])
             if not torch.isfinite(loss):
                 raise TrainingDiverged(
                     f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}/{n_batches} "
@@ -261,10 +291,10 @@ def _run_epoch(
             loss.backward()
             for optimizer in optimizers:
                 optimizer.step()
-            loss_sum += loss.detach() * rows.numel()
+            loss_sum += loss.detach() * batch.numel()
             if step % 20 == 0 or step == n_batches - 1:
-                bar.update(task, completed=min((step + 1) * batch_size, len(train)))
-    return float(loss_sum) / len(train)
+                bar.update(task, completed=min((step + 1) * batch_size, n_rows))
+    return float(loss_sum) / n_rows
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
@@ -293,43 +323,105 @@ def run_signature(config: Config, data_fingerprint: str) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def monitor_for(kind: str, requested: str) -> str:
+    """The early-stopping metric a model can report: the CTR network only has CTR metrics,
+    models without a pCTR of their own (BASE and its variants) only CVR ones."""
+    if kind == "ctr":
+        return "ctr_auc" if requested != "val_loss" else requested
+    if kind in NO_OWN_PCTR and requested in ("ctr_auc", "ctcvr_auc"):
+        return "cvr_auc_clicked"
+    return requested
+
+
+def fit(
+    config: Config,
+    model_settings: ModelSettings,
+    encoder: FeatureEncoder,
+    train: EncodedSplit,
+    val: EncodedSplit,
+    *,
+    seed: int,
+    data_fingerprint: str,
+    checkpoint_dir: Path | None,
+    resume: bool = False,
+    progress: bool = True,
+    reference_ctr: nn.Module | None = None,
+) -> tuple[nn.Module, TrainingResult]:
+    """Build one model from ``model_settings`` (seeded) and train it with ``config.train``."""
+    from esmm.models import build_model
+
+    torch.manual_seed(seed)
+    model = build_model(model_settings.model_dump(), encoder, reference_ctr)
+    settings = config.train.model_copy(
+        update={"monitor": monitor_for(model_settings.kind, config.train.monitor)}
+    )
+    identity = config.model_copy(update={"model": model_settings, "train": settings, "seed": seed})
+    result = train_model(
+        model,
+        train,
+        val,
+        settings,
+        seed=seed,
+        checkpoint_dir=checkpoint_dir,
+        resume=resume,
+        progress=progress,
+        signature=run_signature(identity, data_fingerprint),
+    )
+    return model, result
+
+
 def train_stage(
     config: Config, *, resume: bool = False, progress: bool = True
 ) -> tuple[nn.Module, TrainingResult]:
     """Stage `train`: build the configured model on the prepared data, train it, and save it
-    (weights, spec and encoder) to ``<output_dir>/model``."""
-    from esmm.models import build_model, save_trained_model
+    (weights, spec and encoder) to ``<output_dir>/model``. UNBIAS first trains the reference
+    CTR network it samples with."""
+    from esmm.models import save_trained_model
     from esmm.prepare import load_prepared
 
     prepared = load_prepared(config)
     encoder = prepared.encoder
     train = encoder.encode_split(prepared.tables["train"])
     val = encoder.encode_split(prepared.tables["val"])
+    fingerprint = prepared.manifest["fingerprint"]
+    checkpoints = config.output_path / "checkpoints"
     log.info(
         "training %s on %d impressions, validating on %d", config.model.kind, len(train), len(val)
     )
-    torch.manual_seed(config.seed)
-    model = build_model(
-        config.model.kind, encoder, config.model.embedding_dim, config.model.tower_dims
-    )
-    result = train_model(
-        model,
+    reference_ctr = None
+    if config.model.kind == "unbias":
+        log.info("training the reference CTR network that UNBIAS samples with")
+        reference_ctr, _ = fit(
+            config,
+            config.model.model_copy(update={"kind": "ctr"}),
+            encoder,
+            train,
+            val,
+            seed=config.seed,
+            data_fingerprint=fingerprint,
+            checkpoint_dir=checkpoints / "reference_ctr",
+            resume=resume,
+            progress=progress,
+        )
+    model, result = fit(
+        config,
+        config.model,
+        encoder,
         train,
         val,
-        config.train,
         seed=config.seed,
-        checkpoint_dir=config.output_path / "checkpoints",
+        data_fingerprint=fingerprint,
+        checkpoint_dir=checkpoints,
         resume=resume,
         progress=progress,
+        reference_ctr=reference_ctr,
     )
     spec = {
-        "kind": config.model.kind,
-        "embedding_dim": config.model.embedding_dim,
-        "tower_dims": list(config.model.tower_dims),
+        **config.model.model_dump(mode="json"),
         "best_epoch": result.best_epoch,
         "monitor": result.monitor,
         "best_value": result.best_value,
-        "data_fingerprint": prepared.manifest["fingerprint"],
+        "data_fingerprint": fingerprint,
     }
     save_trained_model(model, encoder, spec, config.output_path / "model")
     return model, result

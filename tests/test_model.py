@@ -96,7 +96,7 @@ def test_multi_valued_fields_are_sum_pooled():
 def test_embedding_gradients_are_sparse_and_touch_only_used_rows():
     table, encoder = _tiny_encoder()
     torch.manual_seed(0)
-    model = build_model("esmm", encoder, embedding_dim=4, tower_dims=[8])
+    model = build_model({"kind": "esmm", "embedding_dim": 4, "tower_dims": [8]}, encoder)
     assert isinstance(model, ESMM)
     features = encoder.transform(table)
     output = model(features)
@@ -112,7 +112,7 @@ def test_embedding_gradients_are_sparse_and_touch_only_used_rows():
 def test_towers_are_separate_and_outputs_in_unit_interval():
     table, encoder = _tiny_encoder()
     torch.manual_seed(0)
-    model = build_model("esmm", encoder, embedding_dim=4, tower_dims=[8, 4])
+    model = build_model({"kind": "esmm", "embedding_dim": 4, "tower_dims": [8, 4]}, encoder)
     output = model(encoder.transform(table))
     assert not torch.equal(output.ctr_logit, output.cvr_logit)
     for p in (output.pctr, output.pcvr, output.pctcvr):

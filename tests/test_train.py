@@ -45,7 +45,7 @@ def data():
 
 def fresh_model(encoder, seed=0):
     torch.manual_seed(seed)
-    return build_model("esmm", encoder, embedding_dim=8, tower_dims=[32, 16])
+    return build_model({"kind": "esmm", "embedding_dim": 8, "tower_dims": [32, 16]}, encoder)
 
 
 SETTINGS = TrainSettings(batch_size=256, epochs=4, learning_rate=0.005, patience=10)

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -13,11 +14,25 @@ from torch import nn
 
 from esmm.data.encode import FeatureEncoder
 from esmm.data.table import FieldKind
+from esmm.models.comparison import Aman, Base, CTRNetwork, Division, Oversampling, Unbias
+from esmm.models.escm2 import ESCM2
 from esmm.models.esmm import ESMM, FieldEmbedding
 
 MODEL_FILE = "model.pt"
 MODEL_SPEC_FILE = "model.json"
 ENCODER_FOLDER = "encoder"
+MODEL_KINDS = (
+    "esmm",
+    "esmm_ns",
+    "base",
+    "aman",
+    "oversampling",
+    "unbias",
+    "division",
+    "escm2_ipw",
+    "escm2_dr",
+    "ctr",
+)
 
 
 def build_embedding(encoder: FeatureEncoder, embedding_dim: int) -> FieldEmbedding:
@@ -32,12 +47,45 @@ def build_embedding(encoder: FeatureEncoder, embedding_dim: int) -> FieldEmbeddi
 
 
 def build_model(
-    kind: str, encoder: FeatureEncoder, embedding_dim: int, tower_dims: list[int] | tuple[int, ...]
+    settings: Mapping, encoder: FeatureEncoder, reference_ctr: CTRNetwork | None = None
 ) -> nn.Module:
-    """A freshly initialised model of ``kind``; seed torch beforehand for reproducible weights."""
-    if kind == "esmm":
-        return ESMM(build_embedding(encoder, embedding_dim), tuple(tower_dims))
-    raise ValueError(f"unknown model kind {kind!r}; known: ['esmm']")
+    """A freshly initialised model from model settings (``kind``, ``embedding_dim``,
+    ``tower_dims`` and the kind's own parameters); seed torch beforehand for reproducible
+    weights. ``unbias`` needs the trained ``reference_ctr``; without one (when loading saved
+    weights) an untrained network of the same shape stands in."""
+    kind = settings["kind"]
+    towers = tuple(settings["tower_dims"])
+
+    def embedding() -> FieldEmbedding:
+        return build_embedding(encoder, settings["embedding_dim"])
+
+    match kind:
+        case "esmm":
+            return ESMM(embedding(), towers)
+        case "esmm_ns":
+            return ESMM(embedding(), towers, cvr_embedding=embedding())
+        case "escm2_ipw" | "escm2_dr":
+            return ESCM2(
+                embedding(),
+                towers,
+                kind.removeprefix("escm2_"),
+                settings["counterfactual_weight"],
+                settings["propensity_clip"],
+            )
+        case "ctr":
+            return CTRNetwork(embedding(), towers)
+        case "base":
+            return Base(embedding(), towers)
+        case "aman":
+            return Aman(embedding(), towers, settings["negative_rate"])
+        case "oversampling":
+            return Oversampling(embedding(), towers, settings["oversampling_factor"])
+        case "unbias":
+            reference = reference_ctr or CTRNetwork(embedding(), towers)
+            return Unbias(embedding(), towers, reference)
+        case "division":
+            return Division(embedding(), embedding(), towers)
+    raise ValueError(f"unknown model kind {kind!r}; known: {list(MODEL_KINDS)}")
 
 
 def save_trained_model(
@@ -68,7 +116,7 @@ def load_trained_model(folder: str | Path) -> tuple[nn.Module, FeatureEncoder, d
         raise FileNotFoundError(f"no trained model at {folder} (missing {MODEL_SPEC_FILE})")
     spec = json.loads(spec_path.read_text())
     encoder = FeatureEncoder.load(folder / ENCODER_FOLDER)
-    model = build_model(spec["kind"], encoder, spec["embedding_dim"], spec["tower_dims"])
+    model = build_model(spec, encoder)
     model.load_state_dict(torch.load(folder / MODEL_FILE, weights_only=True))
     model.eval()
     return model, encoder, spec

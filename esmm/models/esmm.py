@@ -102,21 +102,24 @@ class Tower(nn.Sequential):
 
 @dataclass
 class TwoTowerOutput:
-    """Logits of both towers; probabilities are derived, never stored separately."""
+    """Logits of both towers; probabilities are derived, never stored separately. Models
+    without a CTR tower of their own (BASE, AMAN, ...) leave ``ctr_logit`` as None."""
 
-    ctr_logit: torch.Tensor
-    cvr_logit: torch.Tensor
-
-    @property
-    def pctr(self) -> torch.Tensor:
-        return torch.sigmoid(self.ctr_logit)
+    ctr_logit: torch.Tensor | None
+    cvr_logit: torch.Tensor | None
 
     @property
-    def pcvr(self) -> torch.Tensor:
-        return torch.sigmoid(self.cvr_logit)
+    def pctr(self) -> torch.Tensor | None:
+        return None if self.ctr_logit is None else torch.sigmoid(self.ctr_logit)
 
     @property
-    def pctcvr(self) -> torch.Tensor:
+    def pcvr(self) -> torch.Tensor | None:
+        return None if self.cvr_logit is None else torch.sigmoid(self.cvr_logit)
+
+    @property
+    def pctcvr(self) -> torch.Tensor | None:
+        if self.ctr_logit is None or self.cvr_logit is None:
+            return None
         return torch.exp(F.logsigmoid(self.ctr_logit) + F.logsigmoid(self.cvr_logit))
 
 
@@ -149,17 +152,25 @@ def esmm_loss(
 
 
 class ESMM(nn.Module):
-    """Shared embeddings, a CTR tower and a CVR tower."""
+    """A CTR tower and a CVR tower over shared embeddings; with ``cvr_embedding`` given, each
+    tower has its own embedding table instead (ESMM-NS, the paper's no-sharing ablation)."""
 
-    def __init__(self, embedding: FieldEmbedding, tower_dims: tuple[int, ...]) -> None:
+    def __init__(
+        self,
+        embedding: FieldEmbedding,
+        tower_dims: tuple[int, ...],
+        cvr_embedding: FieldEmbedding | None = None,
+    ) -> None:
         super().__init__()
         self.embedding = embedding
+        self.cvr_embedding = cvr_embedding
         self.ctr_tower = Tower(embedding.output_dim, tower_dims)
         self.cvr_tower = Tower(embedding.output_dim, tower_dims)
 
     def forward(self, features: EncodedFeatures) -> TwoTowerOutput:
-        shared = self.embedding(features)
-        return TwoTowerOutput(self.ctr_tower(shared), self.cvr_tower(shared))
+        ctr_input = self.embedding(features)
+        cvr_input = ctr_input if self.cvr_embedding is None else self.cvr_embedding(features)
+        return TwoTowerOutput(self.ctr_tower(ctr_input), self.cvr_tower(cvr_input))
 
     def loss(
         self, output: TwoTowerOutput, click: torch.Tensor, conversion: torch.Tensor
