@@ -179,6 +179,70 @@ def evaluate(config: ConfigOption = DEFAULT_CONFIG, overrides: SetOption = None)
 
 
 @app.command()
+def compare(
+    config: ConfigOption = DEFAULT_CONFIG,
+    overrides: SetOption = None,
+    seeds: Annotated[int | None, typer.Option(help="Seeds 0..N-1 (compare.seeds).")] = None,
+    search: Annotated[
+        bool | None,
+        typer.Option(help="Search AMAN's rate and OVERSAMPLING's factor (the paper's grids)."),
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option(help="Results folder (compare.output_dir).")
+    ] = None,
+    update_doc: Annotated[
+        str | None,
+        typer.Option(
+            help="Write results.md into DOC.md's 'results:SECTION' block: DOC.md:SECTION."
+        ),
+    ] = None,
+    quiet: QuietOption = False,
+) -> None:
+    """The paper's comparison: every model over several seeds on one time split; writes
+    results.csv/.md, runs.csv and plots."""
+    with _clear_errors():
+        extra, flags = [], []
+        if seeds is not None:
+            extra.append(f"compare.seeds={list(range(seeds))}")
+            flags.append(f"--seeds {seeds}")
+        if search is not None:
+            extra.append(f"compare.search={str(search).lower()}")
+            flags.append("--search" if search else "--no-search")
+        if output is not None:
+            extra.append(f"compare.output_dir={output}")
+            flags.append(f"--output {output}")
+        command = " ".join(
+            ["esmm compare -c", str(config), *(f"--set '{o}'" for o in overrides or []), *flags]
+        )
+        overrides = [*(overrides or []), *extra]
+        cfg = _load(config, overrides)
+        from esmm.compare import compare_stage, results_markdown, update_document
+        from esmm.progress import STDOUT
+
+        if cfg.data.source == "simulator":
+            simulate(
+                config=config,
+                overrides=overrides,
+                rows=None,
+                days=None,
+                preset=None,
+                seed=None,
+                output=None,
+                quiet=quiet,
+            )
+        prepare(config=config, overrides=overrides)
+        folder = Path(cfg.compare.output_dir or cfg.output_path / "compare")
+        comparison = compare_stage(cfg, cfg.compare, folder)
+        markdown = results_markdown(comparison)
+        STDOUT.print(markdown, markup=False, highlight=False, soft_wrap=True)
+        log.info("results written to %s", folder)
+        if update_doc:
+            document, _, section = update_doc.rpartition(":")
+            update_document(Path(document), section, markdown, command)
+            log.info("updated the 'results:%s' block of %s", section, document)
+
+
+@app.command()
 def run(
     config: ConfigOption = DEFAULT_CONFIG,
     overrides: SetOption = None,

@@ -115,6 +115,40 @@ class TrainSettings(_Section):
     threads: Annotated[int, Field(ge=0)] = 0  # 0: torch's default
 
 
+PAPER_COMPARISON = ["base", "aman", "oversampling", "unbias", "division", "esmm_ns", "esmm"]
+
+
+class CompareSettings(_Section):
+    """`esmm compare`: which models, how many seeds, the paper's searches and the sampling
+    rates of the CVR-AUC-against-training-size figure (1.0 reuses the full runs)."""
+
+    models: Annotated[list[ModelKind], Field(min_length=1)] = Field(
+        default_factory=lambda: list(PAPER_COMPARISON)
+    )
+    seeds: Annotated[list[int], Field(min_length=1)] = Field(
+        default_factory=lambda: [0, 1, 2, 3, 4]
+    )
+    search: bool = False
+    aman_rates: list[Annotated[float, Field(gt=0, le=1)]] = Field(
+        default_factory=lambda: [0.1, 0.2, 0.5, 1.0]
+    )
+    oversampling_factors: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=lambda: [2, 3, 5, 10]
+    )
+    sampling_rates: list[Annotated[float, Field(gt=0, le=1)]] = Field(
+        default_factory=lambda: [0.1, 0.2, 0.5, 1.0]
+    )
+    output_dir: str | None = None  # default: <output_dir>/compare
+
+    @model_validator(mode="after")
+    def _no_reference_network_in_the_list(self) -> CompareSettings:
+        if "ctr" in self.models:
+            raise ValueError(
+                "compare.models: 'ctr' is the shared reference network, always trained"
+            )
+        return self
+
+
 class Config(_Section):
     name: str = "default"
     seed: int = 0
@@ -124,6 +158,7 @@ class Config(_Section):
     encode: EncodeSettings = Field(default_factory=EncodeSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
+    compare: CompareSettings = Field(default_factory=CompareSettings)
 
     @property
     def output_path(self) -> Path:

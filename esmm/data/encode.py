@@ -76,6 +76,13 @@ class EncodedSplit:
     def __len__(self) -> int:
         return len(self.features)
 
+    def take(self, rows: torch.Tensor) -> EncodedSplit:
+        """The rows at ``rows`` (e.g. a subsample of the training impressions)."""
+        truth = None if self.true_cvr is None else self.true_cvr[rows.numpy()]
+        return EncodedSplit(
+            self.features.take(rows), self.click[rows], self.conversion[rows], truth
+        )
+
 
 class FeatureEncoder:
     """Vocabularies and dense statistics for every field of a schema, fitted on one table."""
