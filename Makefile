@@ -14,7 +14,7 @@ export GX_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: setup run test lint format clean
+.PHONY: setup run test bench lint format clean
 
 $(STAMP): pyproject.toml
 	@echo "setting up $(VENV) with $(PYTHON) (about a minute on a fresh machine)"
@@ -32,6 +32,10 @@ test: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest
+
+# Speed goals live here, not in tests: regenerates benchmarks/RESULTS.md (about 5 minutes).
+bench: setup
+	flock /tmp/esmm-cpu.lock $(BIN)/python benchmarks/run_all.py
 
 lint: setup
 	$(BIN)/ruff check .
