@@ -17,9 +17,7 @@ Outputs (one folder): ``runs.csv`` (one row per model and seed), ``results.csv``
 from __future__ import annotations
 
 import logging
-import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from esmm.atomic import atomic_path, write_text_atomic
 from esmm.config import CompareSettings, Config
 from esmm.data.encode import EncodedSplit
 from esmm.metrics import evaluate_predictions
@@ -265,10 +264,10 @@ def _format(metric: str, mean: float, std: float) -> str:
 def write_outputs(comparison: Comparison) -> None:
     folder = comparison.folder
     folder.mkdir(parents=True, exist_ok=True)
-    _write_text(folder / "runs.csv", comparison.runs.to_csv(index=False))
-    _write_text(folder / "results.csv", comparison.summary.reset_index().to_csv(index=False))
-    _write_text(folder / "results.md", results_markdown(comparison))
-    _write_text(folder / "sampling.csv", comparison.sampling.to_csv(index=False))
+    write_text_atomic(folder / "runs.csv", comparison.runs.to_csv(index=False))
+    write_text_atomic(folder / "results.csv", comparison.summary.reset_index().to_csv(index=False))
+    write_text_atomic(folder / "results.md", results_markdown(comparison))
+    write_text_atomic(folder / "sampling.csv", comparison.sampling.to_csv(index=False))
     plot_bars(comparison, folder)
     plot_sampling_rate(comparison, folder)
 
@@ -334,18 +333,9 @@ def update_document(document: Path, section: str, markdown: str, command: str) -
     if not pattern.search(text):
         raise ValueError(f"{document}: no '{begin}' ... '{end}' block to update")
     block = f"{begin}\nProduced by `{command}`:\n\n{markdown}{end}"
-    _write_text(document, pattern.sub(lambda _: block, text))
+    write_text_atomic(document, pattern.sub(lambda _: block, text))
 
 
 def _save_figure(figure, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    figure.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
-
-
-def _write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, dpi=110, format="png")

@@ -7,12 +7,10 @@ the out-of-vocabulary embedding exactly as they would in production.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from pathlib import Path
 
 from rich.table import Table
 
+from esmm.atomic import write_text_atomic
 from esmm.config import Config
 from esmm.metrics import evaluate_predictions
 from esmm.models import load_trained_model
@@ -50,7 +48,7 @@ def evaluate_stage(config: Config, split: str = "test") -> dict[str, float]:
         encoded.click.numpy(), encoded.conversion.numpy(), pctr, pcvr, encoded.true_cvr
     )
     report = {"model": spec, "split": split, "rows": table.num_rows, "metrics": metrics}
-    _write_json_atomic(config.output_path / METRICS_FILE, report)
+    write_text_atomic(config.output_path / METRICS_FILE, json.dumps(report, indent=2))
     return metrics
 
 
@@ -63,11 +61,3 @@ def metrics_table(metrics: dict[str, float], title: str = "Test metrics") -> Tab
         if name in metrics:
             table.add_row(name, f"{metrics[name]:.4f}", description)
     return table
-
-
-def _write_json_atomic(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(payload, handle, indent=2)
-    os.replace(tmp, path)

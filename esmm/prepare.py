@@ -11,9 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from esmm.atomic import atomic_folder
 from esmm.config import Config
 from esmm.data.encode import FeatureEncoder
 from esmm.data.sources import load_splits
@@ -95,20 +93,11 @@ def prepare(config: Config) -> PreparedData:
             100 * summary["cvr_per_click"],
         )
 
-    folder = prepared_path(config)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with atomic_folder(prepared_path(config)) as staging:
         for name in SPLITS:
             pq.write_table(tables[name], staging / f"{name}.parquet")
         encoder.save(staging / "encoder")
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(staging, folder)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return PreparedData(tables, encoder, manifest)
 
 

@@ -14,8 +14,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -25,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from esmm.atomic import atomic_path
 from esmm.config import Config, ModelSettings, TrainSettings
 from esmm.data.encode import EncodedFeatures, EncodedSplit, FeatureEncoder
 from esmm.data.table import DataError
@@ -300,15 +299,8 @@ def _run_epoch(
 def _save_checkpoint(path: Path, state: dict) -> None:
     """torch.save to a temporary file beside ``path``, then rename: a kill never leaves a
     truncated checkpoint under the real name."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def run_signature(config: Config, data_fingerprint: str) -> str:

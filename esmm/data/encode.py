@@ -13,9 +13,6 @@ Batches are taken by index (a slice of a per-epoch permutation) with whole-tenso
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from esmm.atomic import atomic_folder
 from esmm.data.table import CLICK, CONVERSION, DataError, FieldKind, TableSchema
 
 OOV_ID = 0
@@ -179,10 +177,7 @@ class FeatureEncoder:
     def save(self, folder: str | Path) -> Path:
         """Write the encoder to ``folder`` (JSON header + one Parquet vocabulary per field),
         through a temporary folder renamed into place."""
-        folder = Path(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-        try:
+        with atomic_folder(folder) as staging:
             header = {
                 "schema": self.schema.to_dict(),
                 "min_count": self.min_count,
@@ -192,12 +187,6 @@ class FeatureEncoder:
             (staging / "encoder.json").write_text(json.dumps(header, indent=2))
             for name, vocabulary in self.vocabularies.items():
                 pq.write_table(pa.table({"value": vocabulary}), staging / f"vocab.{name}.parquet")
-            if folder.exists():
-                shutil.rmtree(folder)
-            os.replace(staging, folder)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
         return folder
 
     @classmethod

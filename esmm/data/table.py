@@ -15,8 +15,6 @@ Arrow types per field kind:
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -26,6 +24,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from esmm.atomic import atomic_path
 
 CLICK = "click"
 CONVERSION = "conversion"
@@ -176,22 +176,14 @@ def write_parquet_atomic(
 ) -> Path:
     """Write ``table`` to ``path`` through a temporary file in the same folder, then rename,
     so a failed or killed write never leaves a half-written file under the final name."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if metadata:
         existing = table.schema.metadata or {}
         table = table.replace_schema_metadata(
             {**existing, b"esmm": json.dumps(dict(metadata)).encode()}
         )
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)
 
 
 def read_parquet_metadata(path: str | Path) -> dict:

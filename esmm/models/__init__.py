@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from esmm.atomic import atomic_folder
 from esmm.data.encode import FeatureEncoder
 from esmm.data.table import FieldKind
 from esmm.models.comparison import Aman, Base, CTRNetwork, Division, Oversampling, Unbias
@@ -93,20 +91,11 @@ def save_trained_model(
 ) -> Path:
     """Write weights, the spec needed to rebuild the model, and the encoder into ``folder``,
     through a temporary folder renamed into place."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with atomic_folder(folder) as staging:
         torch.save(model.state_dict(), staging / MODEL_FILE)
         (staging / MODEL_SPEC_FILE).write_text(json.dumps(spec, indent=2))
         encoder.save(staging / ENCODER_FOLDER)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(staging, folder)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return folder
+    return Path(folder)
 
 
 def load_trained_model(folder: str | Path) -> tuple[nn.Module, FeatureEncoder, dict]:
