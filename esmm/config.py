@@ -50,6 +50,8 @@ class DataSettings(_Section):
     columns: dict[str, str] = Field(default_factory=dict)
     fields: dict[str, Literal["single", "multi", "dense"]] = Field(default_factory=dict)
     allow_missing: list[str] = Field(default_factory=list)
+    # Keep only the most recent N days (daily partitions) before splitting; None keeps all.
+    window_days: Annotated[int, Field(ge=2)] | None = None
     conversion_without_click: Literal["drop", "clear", "error"] = "drop"
     simulator: SimulatorSettings = Field(default_factory=SimulatorSettings)
 
@@ -149,6 +151,77 @@ class CompareSettings(_Section):
         return self
 
 
+class ValidateSettings(_Section):
+    """`esmm validate` (section ``validation``): the Great Expectations suite's bounds.
+    Required columns, types, labels in {0,1}, conversion <= click, non-negative ids and nulls
+    (only in ``data.allow_missing`` fields) come from the schema; the bounds from here."""
+
+    min_rows: Annotated[int, Field(ge=1)] = 1000
+    ctr_range: tuple[float, float] = (0.005, 0.5)  # share of impressions clicked
+    cvr_per_click_range: tuple[float, float] = (0.001, 0.6)  # share of clicks converted
+    days: list[int] | None = None  # the day values expected; None: any >= 0 (simulator: 0..days-1)
+    min_days: Annotated[int, Field(ge=1)] = 2  # a time split needs at least two days
+    data_docs: bool = True  # also build GX Data Docs (HTML) beside the JSON report
+
+    @model_validator(mode="after")
+    def _ranges_are_ordered(self) -> ValidateSettings:
+        for key in ("ctr_range", "cvr_per_click_range"):
+            low, high = getattr(self, key)
+            if not 0 <= low < high <= 1:
+                raise ValueError(f"validate.{key}: need 0 <= low < high <= 1, got {[low, high]}")
+        return self
+
+
+class SearchSpace(_Section):
+    """What Optuna searches. The paper's setting (embedding 18, towers 200-80) lies inside."""
+
+    embedding_dim: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1)] = Field(
+        default_factory=lambda: [8, 12, 18, 24, 32]
+    )
+    tower_layers: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] = (1, 3)
+    tower_width: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1)] = Field(
+        default_factory=lambda: [32, 64, 80, 128, 200, 256]
+    )
+    learning_rate: tuple[float, float] | None = None  # log-uniform range; None: train's value
+    batch_size: list[Annotated[int, Field(ge=1)]] | None = None  # None: train's value
+
+
+class TuneSettings(_Section):
+    """`esmm tune`: an Optuna study persisted at ``storage``; rerunning resumes it."""
+
+    n_trials: Annotated[int, Field(ge=1)] = 8  # finished trials the study should hold
+    epochs: Annotated[int, Field(ge=1)] = 2  # per trial (pruning may stop a trial earlier)
+    metric: Literal["cvr_auc_clicked", "ctcvr_auc", "ctr_auc", "val_loss"] = "cvr_auc_clicked"
+    pruner: Literal["median", "hyperband", "none"] = "median"
+    study_name: str | None = None  # default: the config's name
+    storage: str | None = None  # default: sqlite:///<output_dir>/optuna.db
+    timeout_seconds: Annotated[float, Field(gt=0)] | None = None
+    space: SearchSpace = Field(default_factory=SearchSpace)
+
+
+class TrackingSettings(_Section):
+    """MLflow: where runs and registered models live. Default: a SQLite file and an artifact
+    folder under ``runs/mlflow`` (shared by every config, so runs can be compared)."""
+
+    tracking_uri: str | None = None  # default: sqlite:///runs/mlflow/mlflow.db
+    artifact_location: str | None = None  # default: runs/mlflow/artifacts (local stores only)
+    experiment: str = "esmm"
+    registered_model: str = "esmm-cvr"
+
+
+class PromoteSettings(_Section):
+    """Registry promotion: the new version becomes ``@champion`` only if ``metric`` (scored now,
+    on the current test split, for both models) improves by ``min_improvement`` and the
+    guardrails pass; otherwise it gets ``@challenger``."""
+
+    metric: Literal["cvr_auc_clicked", "ctcvr_auc", "ctr_auc", "cvr_auc_all"] = "cvr_auc_clicked"
+    min_improvement: Annotated[float, Field(ge=0)] = 0.001
+    calibration_metric: Literal[
+        "ctcvr_calibration", "ctr_calibration", "cvr_calibration_clicked"
+    ] = "ctcvr_calibration"
+    calibration_range: tuple[float, float] = (0.5, 2.0)  # mean predicted / observed
+
+
 class Config(_Section):
     name: str = "default"
     seed: int = 0
@@ -159,6 +232,10 @@ class Config(_Section):
     model: ModelSettings = Field(default_factory=ModelSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
     compare: CompareSettings = Field(default_factory=CompareSettings)
+    validation: ValidateSettings = Field(default_factory=ValidateSettings)
+    tune: TuneSettings = Field(default_factory=TuneSettings)
+    tracking: TrackingSettings = Field(default_factory=TrackingSettings)
+    promote: PromoteSettings = Field(default_factory=PromoteSettings)
 
     @property
     def output_path(self) -> Path:

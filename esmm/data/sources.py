@@ -11,11 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from esmm.config import Config
 from esmm.data.split import SPLITS, hold_out_tail, split_by_day
-from esmm.data.table import DataError, TableSchema, check_table
+from esmm.data.table import DAY, DataError, TableSchema, check_table
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +28,11 @@ def simulated_table_path(config: Config) -> Path:
     )
 
 
-def load_splits(config: Config) -> tuple[dict[str, pa.Table], TableSchema]:
-    """The checked train/val/test tables and the feature schema of ``config``'s data source."""
+def read_source(config: Config) -> tuple[dict[str, pa.Table], TableSchema, dict[str, str]]:
+    """The source's impressions as read, before any check: ``{"all": table}`` for one table
+    split later by ``day``, or one table per split for file-per-split sources; the schema; and
+    a label per table (the files it came from) for error messages. The day window
+    (``data.window_days``) is applied to single tables."""
     data = config.data
     if data.source == "simulator":
         from esmm.data.simulate import simulator_schema
@@ -36,10 +40,8 @@ def load_splits(config: Config) -> tuple[dict[str, pa.Table], TableSchema]:
         path = simulated_table_path(config)
         if not path.exists():
             raise DataError(f"{path}: simulated table not found; run `esmm simulate` first")
-        table = pq.read_table(path)
-        check_table(table, simulator_schema(), str(path))
-        splits = split_by_day(table, config.split.test_fraction, config.split.val_days, str(path))
-        return splits, simulator_schema()
+        table = latest_days(pq.read_table(path), data.window_days, str(path))
+        return {"all": table}, simulator_schema(), {"all": str(path)}
 
     if data.source == "table" and data.path:
         from esmm.data.tabular import read_table_file
@@ -47,26 +49,55 @@ def load_splits(config: Config) -> tuple[dict[str, pa.Table], TableSchema]:
         table, schema = read_table_file(
             data.path, columns=data.columns, fields=data.fields, allow_missing=data.allow_missing
         )
-        check_table(table, schema, data.path)
-        return split_by_day(table, config.split.test_fraction, config.split.val_days, data.path), (
-            schema
-        )
+        return {"all": latest_days(table, data.window_days, data.path)}, schema, {"all": data.path}
 
     assert data.files is not None  # guaranteed by DataSettings' validator
     tables: dict[str, pa.Table] = {}
     schema: TableSchema | None = None
     for split, paths in data.files.items():
         # Splits are consecutive periods of time: train (day 0), val (1), test (2).
-        table, schema = _read_split_files(config, paths, SPLITS.index(split))
-        tables[split] = table
+        tables[split], schema = _read_split_files(config, paths, SPLITS.index(split))
+    assert schema is not None
+    return tables, schema, {split: ", ".join(paths) for split, paths in data.files.items()}
+
+
+def load_unchecked(config: Config) -> tuple[pa.Table, TableSchema, str]:
+    """All impressions of the source as one table, unchecked: what `esmm validate` inspects."""
+    tables, schema, labels = read_source(config)
+    table = pa.concat_tables(tables.values(), promote_options="permissive")
+    return table, schema, "; ".join(labels.values())
+
+
+def load_splits(config: Config) -> tuple[dict[str, pa.Table], TableSchema]:
+    """The checked train/val/test tables and the feature schema of ``config``'s data source."""
+    tables, schema, labels = read_source(config)
+    if "all" in tables:
+        table, label = tables["all"], labels["all"]
+        check_table(table, schema, label)
+        return split_by_day(table, config.split.test_fraction, config.split.val_days, label), (
+            schema
+        )
     if "test" not in tables:
         raise DataError(f"data.files has no 'test' entry (got {sorted(tables)})")
     if "val" not in tables:
         tables["train"], tables["val"] = hold_out_tail(tables["train"], config.split.val_fraction)
-    assert schema is not None
+        labels["val"] = f"last {config.split.val_fraction:.0%} of {labels['train']}"
     for split, table in tables.items():
-        check_table(table, schema, f"{split} split ({', '.join(data.files.get(split, ['train']))})")
+        check_table(table, schema, f"{split} split ({labels[split]})")
     return tables, schema
+
+
+def latest_days(table: pa.Table, window_days: int | None, source: str) -> pa.Table:
+    """The rows of the most recent ``window_days`` distinct days (all rows when None): a
+    scheduled run trains on a sliding window of daily partitions."""
+    if window_days is None:
+        return table
+    if DAY not in table.column_names:
+        raise DataError(f"{source}: data.window_days needs a '{DAY}' column")
+    days = np.unique(table[DAY].to_numpy())
+    keep = days[-window_days:]
+    log.info("window: the latest %d of %d days (%s..%s)", keep.size, days.size, keep[0], keep[-1])
+    return table.filter(pc.is_in(table[DAY], value_set=pa.array(keep)))
 
 
 def _read_split_files(config: Config, paths: list[str], day: int) -> tuple[pa.Table, TableSchema]:
