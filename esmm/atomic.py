@@ -10,6 +10,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+_UMASK = os.umask(0o022)  # read once at import (reading it means setting it), then restored
+os.umask(_UMASK)
+
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
@@ -20,6 +23,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         prefix=f".{path.stem}.", suffix=f"{path.suffix}.tmp", dir=path.parent
     )
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; the final file gets the usual mode
     try:
         yield Path(tmp)
         os.replace(tmp, path)
@@ -35,6 +39,7 @@ def atomic_folder(folder: str | Path) -> Iterator[Path]:
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    os.chmod(staging, 0o777 & ~_UMASK)  # mkdtemp makes 0700
     try:
         yield staging
         if folder.exists():

@@ -26,10 +26,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from esmm.atomic import atomic_path, write_text_atomic
+from esmm.atomic import write_text_atomic
 from esmm.config import CompareSettings, Config
 from esmm.data.encode import EncodedSplit
 from esmm.metrics import evaluate_predictions
+from esmm.plots import pyplot, save_figure
 from esmm.prepare import load_prepared
 from esmm.progress import progress_bar
 from esmm.train import fit, predict
@@ -273,10 +274,7 @@ def write_outputs(comparison: Comparison) -> None:
 
 
 def plot_bars(comparison: Comparison, folder: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     summary = comparison.summary
     labels = [MODEL_LABELS.get(str(m), str(m)) for m in summary.index]
@@ -294,15 +292,11 @@ def plot_bars(comparison: Comparison, folder: Path) -> None:
         axis.set_title(f"{REPORTED_METRICS[metric]}: mean ± std over seeds")
         axis.tick_params(axis="x", rotation=30)
         figure.tight_layout()
-        _save_figure(figure, folder / f"bars_{metric}.png")
-        plt.close(figure)
+        save_figure(figure, folder / f"bars_{metric}.png")
 
 
 def plot_sampling_rate(comparison: Comparison, folder: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     figure, axis = plt.subplots(figsize=(7, 4.5))
     for kind, rows in comparison.sampling.groupby("model", sort=False):
@@ -319,8 +313,7 @@ def plot_sampling_rate(comparison: Comparison, folder: Path) -> None:
     axis.legend(fontsize=8)
     axis.grid(alpha=0.3)
     figure.tight_layout()
-    _save_figure(figure, folder / "sampling_rate.png")
-    plt.close(figure)
+    save_figure(figure, folder / "sampling_rate.png")
 
 
 def update_document(document: Path, section: str, markdown: str, command: str) -> None:
@@ -334,8 +327,3 @@ def update_document(document: Path, section: str, markdown: str, command: str) -
         raise ValueError(f"{document}: no '{begin}' ... '{end}' block to update")
     block = f"{begin}\nProduced by `{command}`:\n\n{markdown}{end}"
     write_text_atomic(document, pattern.sub(lambda _: block, text))
-
-
-def _save_figure(figure, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, dpi=110, format="png")

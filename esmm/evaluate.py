@@ -14,10 +14,12 @@ from esmm.atomic import write_text_atomic
 from esmm.config import Config
 from esmm.metrics import evaluate_predictions
 from esmm.models import load_trained_model
+from esmm.plots import write_evaluation_plots
 from esmm.prepare import load_prepared
 from esmm.train import predict
 
 METRICS_FILE = "metrics.json"
+PLOTS_FOLDER = "plots"
 
 # What each headline metric measures: the label, the score and the impressions it covers.
 METRIC_DESCRIPTIONS = {
@@ -39,16 +41,22 @@ METRIC_DESCRIPTIONS = {
 }
 
 
-def evaluate_stage(config: Config, split: str = "test") -> dict[str, float]:
+def evaluate_stage(config: Config, split: str = "test", plots: bool = True) -> dict[str, float]:
+    """Metrics of the trained model on ``split`` -> ``metrics.json``; with ``plots``, ROC and
+    calibration curves -> ``plots/roc.png`` and ``plots/calibration.png``."""
     model, encoder, spec = load_trained_model(config.output_path / "model")
     table = load_prepared(config).tables[split]
     encoded = encoder.encode_split(table)
     pctr, pcvr = predict(model, encoded.features, config.train.eval_batch_size)
-    metrics = evaluate_predictions(
-        encoded.click.numpy(), encoded.conversion.numpy(), pctr, pcvr, encoded.true_cvr
-    )
+    click, conversion = encoded.click.numpy(), encoded.conversion.numpy()
+    metrics = evaluate_predictions(click, conversion, pctr, pcvr, encoded.true_cvr)
     report = {"model": spec, "split": split, "rows": table.num_rows, "metrics": metrics}
     write_text_atomic(config.output_path / METRICS_FILE, json.dumps(report, indent=2))
+    if plots:
+        title = f"({spec['kind']}, {split} split)"
+        write_evaluation_plots(
+            config.output_path / PLOTS_FOLDER, click, conversion, pctr, pcvr, title
+        )
     return metrics
 
 

@@ -66,7 +66,9 @@ def table_fingerprint(tables: dict[str, pa.Table]) -> str:
     return digest.hexdigest()[:16]
 
 
-def prepare(config: Config) -> PreparedData:
+def prepare(config: Config, input_fingerprint: str | None = None) -> PreparedData:
+    """``input_fingerprint`` (of the source files) is recorded in the manifest, so the
+    pipeline can tell whether the prepared folder still matches its input."""
     tables, schema = load_splits(config)
     for name in SPLITS:
         if tables[name].num_rows == 0:
@@ -77,6 +79,7 @@ def prepare(config: Config) -> PreparedData:
         "schema": schema.to_dict(),
         "splits": {name: split_summary(tables[name]) for name in SPLITS},
         "fingerprint": table_fingerprint(tables),
+        "input_fingerprint": input_fingerprint,
         "cardinalities": encoder.cardinalities,
     }
     for name in SPLITS:

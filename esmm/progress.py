@@ -43,3 +43,25 @@ def progress_bar(unit: str, *, enabled: bool = True) -> Progress:
         disable=not (enabled and STDERR.is_terminal),
         transient=True,
     )
+
+
+def setup_logging() -> None:
+    """Log lines (time, level, message) through the shared stderr console. Prefect's task and
+    flow run records are prefixed with the run's name; chatty libraries only warn."""
+    import logging
+
+    from rich.logging import RichHandler
+
+    class RunNameFormatter(logging.Formatter):
+        def format(self, record: logging.LogRecord) -> str:
+            message = super().format(record)
+            run_name = getattr(record, "task_run_name", None) or getattr(
+                record, "flow_run_name", None
+            )
+            return f"{run_name}: {message}" if run_name else message
+
+    handler = RichHandler(console=STDERR, show_path=False, markup=False)
+    handler.setFormatter(RunNameFormatter("%(message)s"))
+    logging.basicConfig(level=logging.INFO, datefmt="%H:%M:%S", handlers=[handler], force=True)
+    for chatty in ("httpx", "mlflow", "great_expectations", "alembic"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)

@@ -338,8 +338,10 @@ def fit(
     resume: bool = False,
     progress: bool = True,
     reference_ctr: nn.Module | None = None,
+    callbacks: list[EpochCallback] | None = None,
 ) -> tuple[nn.Module, TrainingResult]:
-    """Build one model from ``model_settings`` (seeded) and train it with ``config.train``."""
+    """Build one model from ``model_settings`` (seeded) and train it with ``config.train``;
+    ``callbacks`` see every epoch's result (tuning reports and prunes through them)."""
     from esmm.models import build_model
 
     torch.manual_seed(seed)
@@ -356,6 +358,7 @@ def fit(
         seed=seed,
         checkpoint_dir=checkpoint_dir,
         resume=resume,
+        callbacks=callbacks,
         progress=progress,
         signature=run_signature(identity, data_fingerprint),
     )
@@ -363,7 +366,11 @@ def fit(
 
 
 def train_stage(
-    config: Config, *, resume: bool = False, progress: bool = True
+    config: Config,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    callbacks: list[EpochCallback] | None = None,
 ) -> tuple[nn.Module, TrainingResult]:
     """Stage `train`: build the configured model on the prepared data, train it, and save it
     (weights, spec and encoder) to ``<output_dir>/model``. UNBIAS first trains the reference
@@ -407,6 +414,7 @@ def train_stage(
         resume=resume,
         progress=progress,
         reference_ctr=reference_ctr,
+        callbacks=callbacks,
     )
     spec = {
         **config.model.model_dump(mode="json"),

@@ -6,6 +6,7 @@ the ``day`` column for one table, or by file when the source gives one file per 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 
@@ -16,9 +17,18 @@ import pyarrow.parquet as pq
 
 from esmm.config import Config
 from esmm.data.split import SPLITS, hold_out_tail, split_by_day
-from esmm.data.table import DAY, DataError, TableSchema, check_table
+from esmm.data.table import (
+    DAY,
+    DataError,
+    TableSchema,
+    check_table,
+    read_parquet_metadata,
+    write_parquet_atomic,
+)
 
 log = logging.getLogger(__name__)
+
+WHOLE_FILE_HASH_LIMIT = 256 << 20
 
 
 def simulated_table_path(config: Config) -> Path:
@@ -26,6 +36,74 @@ def simulated_table_path(config: Config) -> Path:
     return (
         Path(config.data.path) if config.data.path else config.output_path / "impressions.parquet"
     )
+
+
+def simulate_to_file(config: Config, progress: bool = False) -> tuple[Path, pa.Table]:
+    """Write the configured simulated table to its path (atomically); returns both."""
+    from esmm.data.simulate import simulate_impressions
+
+    settings = config.data.simulator
+    table = simulate_impressions(
+        settings.rows,
+        preset=settings.preset,
+        n_days=settings.days,
+        seed=settings.seed,
+        progress=progress,
+    )
+    path = write_parquet_atomic(table, simulated_table_path(config), settings.model_dump())
+    return path, table
+
+
+def append_simulated_day(config: Config) -> tuple[Path, int, int]:
+    """Append the next day (``rows / days`` impressions of the same simulated world) to the
+    simulated table, as a daily partition arriving would; returns (path, day, rows added)."""
+    from esmm.data.simulate import simulate_day
+
+    path = simulated_table_path(config)
+    if not path.exists():
+        raise DataError(f"{path}: no simulated table to append to; run `esmm simulate` first")
+    settings = config.data.simulator
+    existing = pq.read_table(path)
+    day = int(pc.max(existing[DAY]).as_py()) + 1
+    rows = max(1, settings.rows // settings.days)
+    added = simulate_day(day, rows, preset=settings.preset, seed=settings.seed)
+    metadata = read_parquet_metadata(path) | {"last_day": day}
+    write_parquet_atomic(pa.concat_tables([existing, added]), path, metadata)
+    return path, day, rows
+
+
+def source_files(config: Config) -> list[Path]:
+    """The files the configured source reads."""
+    data = config.data
+    if data.source == "simulator":
+        return [simulated_table_path(config)]
+    if data.path:
+        return [Path(data.path)]
+    return [Path(path) for paths in (data.files or {}).values() for path in paths]
+
+
+def source_fingerprint(config: Config) -> str:
+    """A content hash of the source files plus the settings that shape what is read: it keys
+    the pipeline's cache of prepared data. Files up to 256 MiB are hashed whole; larger ones
+    by size, modification time and their first and last MiB (hashing 20 GB each run would
+    cost more than preparing)."""
+    digest = hashlib.sha256()
+    digest.update(config.data.model_dump_json().encode())
+    for path in source_files(config):
+        if not path.exists():
+            raise DataError(f"{path}: data file not found")
+        stat = path.stat()
+        digest.update(f"{path.resolve()}|{stat.st_size}".encode())
+        with open(path, "rb") as handle:
+            if stat.st_size <= WHOLE_FILE_HASH_LIMIT:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+            else:
+                digest.update(f"{stat.st_mtime_ns}".encode())
+                digest.update(handle.read(1 << 20))
+                handle.seek(-(1 << 20), 2)
+                digest.update(handle.read(1 << 20))
+    return digest.hexdigest()[:16]
 
 
 def read_source(config: Config) -> tuple[dict[str, pa.Table], TableSchema, dict[str, str]]:
