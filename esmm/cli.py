@@ -34,20 +34,6 @@ QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress ba
 DEFAULT_CONFIG = Path("conf/default.yaml")
 
 
-def _setup_logging() -> None:
-    from rich.logging import RichHandler
-
-    from esmm.progress import STDERR
-
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(message)s",
-        datefmt="%H:%M:%S",
-        handlers=[RichHandler(console=STDERR, show_path=False, markup=False)],
-        force=True,
-    )
-
-
 @contextmanager
 def _clear_errors():
     """Known failures (bad config, bad data, divergence, missing inputs) print one clear
@@ -55,6 +41,7 @@ def _clear_errors():
     from esmm.config import ConfigError
     from esmm.data.table import DataError
     from esmm.progress import STDERR
+    from esmm.registry import RegistryError
     from esmm.train import CheckpointMismatch, TrainingDiverged
 
     try:
@@ -64,7 +51,13 @@ def _clear_errors():
             f"[bold red]config error:[/] {error}", markup=True, highlight=False, soft_wrap=True
         )
         raise typer.Exit(2) from None
-    except (DataError, TrainingDiverged, CheckpointMismatch, FileNotFoundError) as error:
+    except (
+        DataError,
+        TrainingDiverged,
+        CheckpointMismatch,
+        FileNotFoundError,
+        RegistryError,
+    ) as error:
         kind = type(error).__name__
         STDERR.print(f"[bold red]{kind}:[/] {error}", markup=True, highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
@@ -78,7 +71,9 @@ def _load(config: Path, overrides: list[str] | None):
 
 @app.callback()
 def _main() -> None:
-    _setup_logging()
+    from esmm.progress import setup_logging
+
+    setup_logging()
 
 
 @app.command()
@@ -92,6 +87,12 @@ def simulate(
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Simulator seed.")] = None,
     output: Annotated[Path | None, typer.Option(help="Parquet file to write (data.path).")] = None,
+    append_day: Annotated[
+        bool,
+        typer.Option(
+            "--append-day", help="Append the next day to the existing table (a new partition)."
+        ),
+    ] = False,
     quiet: QuietOption = False,
 ) -> None:
     """Write a simulated impression table (Parquet) with known true pCTR and pCVR."""
@@ -104,29 +105,41 @@ def simulate(
         if output is not None:
             extra.append(f"data.path={output}")
         cfg = _load(config, [*(overrides or []), *extra])
-        from esmm.data.simulate import simulate_impressions
-        from esmm.data.sources import simulated_table_path
-        from esmm.data.table import write_parquet_atomic
+        from esmm.data.sources import append_simulated_day, simulate_to_file
 
-        settings = cfg.data.simulator
         started = time.perf_counter()
-        table = simulate_impressions(
-            settings.rows,
-            preset=settings.preset,
-            n_days=settings.days,
-            seed=settings.seed,
-            progress=not quiet,
-        )
+        if append_day:
+            path, day, added = append_simulated_day(cfg)
+            log.info("appended day %d (%d impressions) to %s", day, added, path)
+            return
+        path, table = simulate_to_file(cfg, progress=not quiet)
         seconds = time.perf_counter() - started
-        path = write_parquet_atomic(table, simulated_table_path(cfg), settings.model_dump())
         log.info(
             "simulated %d impressions over %d days in %.1f s (%.0f rows/s) -> %s",
             table.num_rows,
-            settings.days,
+            cfg.data.simulator.days,
             seconds,
             table.num_rows / seconds,
             path,
         )
+
+
+@app.command()
+def validate(config: ConfigOption = DEFAULT_CONFIG, overrides: SetOption = None) -> None:
+    """Check the source data with the Great Expectations suite (exit 1 if it fails); the
+    report lands in <output_dir>/validation/."""
+    with _clear_errors():
+        from esmm.progress import STDOUT
+        from esmm.validate import DataValidationFailed, summary_table, validate_stage
+
+        cfg = _load(config, overrides)
+        try:
+            report = validate_stage(cfg)
+        except DataValidationFailed as failure:
+            STDOUT.print(summary_table(failure.report))
+            raise
+        STDOUT.print(summary_table(report))
+        log.info("data validation passed; report written to %s", report.folder)
 
 
 @app.command()
@@ -179,6 +192,57 @@ def evaluate(config: ConfigOption = DEFAULT_CONFIG, overrides: SetOption = None)
 
 
 @app.command()
+def tune(
+    config: ConfigOption = DEFAULT_CONFIG,
+    overrides: SetOption = None,
+    trials: Annotated[
+        int | None, typer.Option(help="Finished trials the study should hold (tune.n_trials).")
+    ] = None,
+    quiet: QuietOption = False,
+) -> None:
+    """Search embedding size and tower shape (learning rate, batch size if configured) with
+    Optuna on the prepared data; rerunning resumes the study."""
+    with _clear_errors():
+        extra = [f"tune.n_trials={trials}"] if trials is not None else []
+        cfg = _load(config, [*(overrides or []), *extra])
+        from rich.table import Table
+
+        from esmm.progress import STDERR, STDOUT
+        from esmm.tune import StudyMismatch, TuningFailed, tower_dims, tune_stage
+
+        try:
+            result = tune_stage(cfg, progress=not quiet)
+        except (StudyMismatch, TuningFailed) as error:
+            kind = type(error).__name__
+            STDERR.print(
+                f"[bold red]{kind}:[/] {error}", markup=True, highlight=False, soft_wrap=True
+            )
+            raise typer.Exit(1) from None
+        table = Table(
+            title=f"Best of study {result.study_name!r}: trial #{result.best_trial_number}"
+        )
+        table.add_column("parameter")
+        table.add_column("value", justify="right")
+        for name, value in result.best_params.items():
+            table.add_row(name, f"{value:.3g}" if isinstance(value, float) else str(value))
+        table.add_row("tower_dims", str(tower_dims(result.best_params)))
+        table.add_row(
+            f"validation {result.metric} ({result.direction})", f"{result.best_value:.4f}"
+        )
+        STDOUT.print(table)
+        log.info(
+            "study %r at %s: %d complete, %d pruned, %d failed (%d run now); plots in %s",
+            result.study_name,
+            result.storage,
+            result.complete,
+            result.pruned,
+            result.failed,
+            result.trials_run_now,
+            result.outputs,
+        )
+
+
+@app.command()
 def compare(
     config: ConfigOption = DEFAULT_CONFIG,
     overrides: SetOption = None,
@@ -228,6 +292,7 @@ def compare(
                 preset=None,
                 seed=None,
                 output=None,
+                append_day=False,
                 quiet=quiet,
             )
         prepare(config=config, overrides=overrides)
@@ -261,12 +326,123 @@ def run(
                 preset=None,
                 seed=None,
                 output=None,
+                append_day=False,
                 quiet=quiet,
             )
         prepare(config=config, overrides=overrides)
         train(config=config, overrides=overrides, resume=False, quiet=quiet)
         evaluate(config=config, overrides=overrides)
         log.info("done in %.0f s", time.perf_counter() - started)
+
+
+@app.command()
+def register(config: ConfigOption = DEFAULT_CONFIG, overrides: SetOption = None) -> None:
+    """Log the trained model (output_dir/model) to MLflow as a pyfunc model and register a new
+    version with its test metrics (run `esmm evaluate` first)."""
+    with _clear_errors():
+        import json
+
+        from esmm.evaluate import METRICS_FILE
+        from esmm.prepare import load_prepared
+        from esmm.registry import register_version
+        from esmm.tracking import Tracker
+
+        cfg = _load(config, overrides)
+        metrics_path = cfg.output_path / METRICS_FILE
+        if not metrics_path.exists():
+            raise FileNotFoundError(f"{metrics_path}: no test metrics; run `esmm evaluate` first")
+        metrics = json.loads(metrics_path.read_text())["metrics"]
+        tracker = Tracker.start(cfg, run_name=f"{cfg.name}-register")
+        try:
+            tracker.set_tags({"esmm.stage": "register"})
+            tracker.log_metrics(metrics, prefix="test_")
+            example = load_prepared(cfg).tables["test"].slice(0, 100)
+            model_uri = tracker.log_model(cfg.output_path / "model", example)
+            name = cfg.tracking.registered_model
+            version = register_version(tracker.client, model_uri, name, tracker.run_id, metrics)
+        except BaseException:
+            tracker.finish("FAILED")
+            raise
+        tracker.finish()
+        log.info("registered %s version %s (run %s)", name, version, tracker.run_id)
+
+
+@app.command()
+def promote(
+    config: ConfigOption = DEFAULT_CONFIG,
+    overrides: SetOption = None,
+    version: Annotated[
+        str | None, typer.Option(help="Version to promote (default: the latest).")
+    ] = None,
+    force: Annotated[
+        bool,
+        typer.Option(help="Promote even if not better (guardrails still apply); recorded."),
+    ] = False,
+) -> None:
+    """Score a registered version and the @champion on the current test split; the version
+    becomes @champion if better by promote.min_improvement, else @challenger."""
+    with _clear_errors():
+        from esmm.prepare import load_prepared
+        from esmm.registry import latest_version, promote_version
+        from esmm.tracking import connect, tracking_uri
+
+        cfg = _load(config, overrides)
+        client, _ = connect(cfg.tracking)
+        name = cfg.tracking.registered_model
+        version = version or latest_version(client, name)
+        test_table = load_prepared(cfg).tables["test"]
+        decision = promote_version(
+            client, tracking_uri(cfg.tracking), name, version, test_table, cfg.promote, force=force
+        )
+        from esmm.progress import STDOUT
+
+        STDOUT.print(decision.markdown(), markup=False, highlight=False)
+        if not decision.promoted:
+            raise typer.Exit(3)
+
+
+@app.command()
+def rollback(config: ConfigOption = DEFAULT_CONFIG, overrides: SetOption = None) -> None:
+    """Move @champion back to the @previous version (the one it replaced)."""
+    with _clear_errors():
+        from esmm.registry import rollback as rollback_champion
+        from esmm.tracking import connect, tracking_uri
+
+        cfg = _load(config, overrides)
+        client, _ = connect(cfg.tracking)
+        name = cfg.tracking.registered_model
+        demoted, restored = rollback_champion(client, tracking_uri(cfg.tracking), name)
+        log.info("%s: @champion is version %s again (was %s)", name, restored, demoted)
+
+
+@app.command()
+def predict(
+    model: Annotated[
+        str, typer.Option(help="Model URI, e.g. models:/esmm-cvr@champion or runs:/<id>/model.")
+    ],
+    input: Annotated[Path, typer.Option("--input", help="Parquet or CSV of raw feature rows.")],
+    output: Annotated[Path, typer.Option(help="Parquet file to write pctr, pcvr, pctcvr to.")],
+    keep: Annotated[
+        list[str] | None, typer.Option(help="Input columns to copy to the output (repeatable).")
+    ] = None,
+    tracking_uri: Annotated[
+        str | None,
+        typer.Option(help="MLflow store (default: tracking.tracking_uri of conf/default.yaml)."),
+    ] = None,
+) -> None:
+    """Batch scoring: every input row gets pctr, pcvr and pctcvr, in the input's order."""
+    with _clear_errors():
+        import mlflow
+
+        from esmm.config import TrackingSettings
+        from esmm.serving import predict_file
+        from esmm.tracking import tracking_uri as default_uri
+
+        uri = tracking_uri or default_uri(TrackingSettings())
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+        rows = predict_file(model, input, output, list(keep or []))
+        log.info("wrote %d scored rows to %s", rows, output)
 
 
 def main() -> None:  # pragma: no cover - console entry point
