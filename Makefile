@@ -1,4 +1,4 @@
-# `make run`: set up .venv and run the main job on the built-in simulated data.
+# `make run`: set up .venv and run the pipeline flow once on the built-in simulated data.
 # `make test`: set up .venv and run ruff and the test suite (what CI runs via .ci/run).
 SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -ec
@@ -14,7 +14,7 @@ export GX_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: setup run test bench lint format clean
+.PHONY: setup run test bench lint format clean schedule ui
 
 $(STAMP): pyproject.toml
 	@echo "setting up $(VENV) with $(PYTHON) (about a minute on a fresh machine)"
@@ -25,8 +25,17 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# The Prefect flow: validate -> prepare -> tune -> train -> evaluate -> register -> promote.
 run: setup
-	$(BIN)/esmm run --config $(CONFIG)
+	$(BIN)/python -m flows.pipeline --config $(CONFIG)
+
+# The daily deployment, served with a local Prefect server (UI on http://127.0.0.1:4200).
+schedule: setup
+	$(BIN)/python -m flows.deploy --config $(CONFIG) --start-server
+
+# The MLflow UI on the local store that `make run` writes (http://127.0.0.1:5000).
+ui: setup
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/runs/mlflow/mlflow.db --host 127.0.0.1 --port 5000
 
 test: setup
 	$(BIN)/ruff check .

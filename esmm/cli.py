@@ -16,7 +16,9 @@ import typer
 
 app = typer.Typer(
     help="ESMM (Entire Space Multi-Task Model) for post-click conversion-rate estimation.\n\n"
-    "Stages, in order: simulate -> prepare -> train -> evaluate; `run` does all four.",
+    "Stages, in order: simulate -> validate -> prepare -> tune -> train -> evaluate -> register "
+    "-> promote (rollback, predict). `run` does simulate -> prepare -> train -> evaluate without "
+    "tracking; the tracked pipeline is the Prefect flow: python -m flows.pipeline.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

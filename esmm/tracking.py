@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import subprocess
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -275,5 +276,9 @@ class TrialTracker:
 
 
 def local_ui_command(uri: str) -> str:
-    """The one command that opens the MLflow UI on this store."""
-    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+    """The one command that opens the MLflow UI on this store (with this environment's
+    mlflow, so it works without activating the virtual environment)."""
+    mlflow_bin = Path(sys.executable).with_name("mlflow")
+    with contextlib.suppress(ValueError):
+        mlflow_bin = mlflow_bin.relative_to(Path.cwd())
+    return f"{mlflow_bin} ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"

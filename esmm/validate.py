@@ -249,7 +249,7 @@ def validate_stage(config: Config) -> ValidationReport:
         report = validate_table(table, schema, settings, source, data_docs_folder=docs)
         report.folder = folder
         if report.data_docs is not None:  # where the site lands once the folder is renamed
-            report.data_docs = folder / report.data_docs.relative_to(staging)
+            report.data_docs = folder / report.data_docs.relative_to(staging.resolve())
         payload = {"summary": report.to_dict(), "great_expectations": report.gx_result}
         (staging / "report.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
         (staging / "summary.md").write_text(report.summary_markdown())
@@ -442,6 +442,7 @@ def _gx_objects(expectations: list) -> tuple[Any, Any, Any]:
 
 def _build_data_docs(context: Any, folder: Path) -> Path:
     """Render the suite and the stored result as a static HTML site in ``folder``."""
+    folder = Path(folder).resolve()  # GX's file store refuses relative base directories
     context.add_data_docs_site(
         "esmm",
         {

@@ -75,3 +75,33 @@ def test_paddlerec_samples_load_through_the_config(shared_data):
     assert (splits["train"].num_rows, splits["val"].num_rows, splits["test"].num_rows) == (8, 2, 10)
     assert len(schema.fields) == 23
     assert set(splits["test"]["day"].to_pylist()) == {2}
+
+
+def test_append_day_and_window_keep_the_latest_days(tmp_path):
+    """A scheduled run sees a new daily partition and trains on the latest window of days."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from esmm.data.simulate import simulate_impressions
+    from esmm.data.sources import source_fingerprint
+
+    base = ["data.simulator.rows=4000", "data.simulator.days=4", f"output_dir={tmp_path}"]
+    sets = [arg for override in base for arg in ("--set", override)]
+    runner = CliRunner()
+    assert runner.invoke(app, ["simulate", *sets]).exit_code == 0
+    config = load_config(None, base)
+    before = source_fingerprint(config)
+    appended = runner.invoke(app, ["simulate", "--append-day", *sets])
+    assert appended.exit_code == 0, appended.output
+    table = pq.read_table(tmp_path / "impressions.parquet")
+    assert sorted(set(table["day"].to_pylist())) == [0, 1, 2, 3, 4]
+    assert table.num_rows == 5000
+    # the new day continues the same simulated world: day 4 of a 5-day simulation
+    full = simulate_impressions(5000, n_days=5, seed=0)
+    assert table.slice(4000).equals(full.filter(pc.equal(full["day"], 4)))
+    assert source_fingerprint(config) != before
+
+    windowed = load_config(None, [*base, "data.window_days=4"])
+    splits, _ = load_splits(windowed)
+    days = {name: sorted(set(t["day"].to_pylist())) for name, t in splits.items()}
+    assert days == {"train": [1], "val": [2], "test": [3, 4]}

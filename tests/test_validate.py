@@ -3,6 +3,7 @@ expectation and the column named, reports are written either way, and the CLI ex
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -203,6 +204,15 @@ def test_report_folder_written_on_success_and_on_failure(tmp_path, impressions):
     assert "| FAIL | expect_column_values_to_be_in_set | click | 3 / 20,000 | e.g. [2] |" in summary
     assert not (folder / "data_docs").exists()  # this run had data_docs off: nothing stale
     assert not [p for p in folder.parent.iterdir() if p.name.startswith(".validation")]
+
+
+def test_data_docs_with_a_relative_output_dir(tmp_path, impressions, monkeypatch):
+    """The default output_dir (runs/default) is relative; GX's site store needs absolute paths."""
+    monkeypatch.chdir(tmp_path)
+    config = config_for(tmp_path, impressions, "validation.data_docs=true", "output_dir=out")
+    report = validate_stage(config)
+    assert report.data_docs == Path("out/validation/data_docs/index.html")
+    assert report.data_docs.exists()
 
 
 def write_cli_config(tmp_path, table: pa.Table):
