@@ -58,7 +58,13 @@ def load_data(config: Config, append_simulated_day: bool = False) -> dict[str, A
     return {"fingerprint": source_fingerprint(config), "files": files}
 
 
-@task(name="validate", cache_policy=NO_CACHE)
+@task(
+    name="validate",
+    retries=SERVER_RETRIES,
+    retry_delay_seconds=RETRY_DELAY_SECONDS,
+    retry_condition_fn=lambda task, run, state: not _is_validation_failure(state),
+    cache_policy=NO_CACHE,
+)
 def validate_data(config: Config, tracker) -> dict[str, Any]:
     """Great Expectations suite. The report folder is written and logged to MLflow whether
     the suite passes or not, so a failed run shows which expectations failed."""
@@ -74,6 +80,19 @@ def validate_data(config: Config, tracker) -> dict[str, Any]:
         if folder.exists():
             tracker.log_artifacts(folder, "validation")
     return {"success": report.success, "expectations": len(report.results)}
+
+
+def _is_validation_failure(state) -> bool:
+    """Bad data fails the same way every time: only retry validation when a server failed."""
+    from esmm.validate import DataValidationFailed
+
+    try:
+        state.result()
+    except DataValidationFailed:
+        return True
+    except Exception:
+        return False
+    return False
 
 
 def _prepare_cache_key(context, parameters: dict[str, Any]) -> str:
@@ -154,7 +173,12 @@ def train_best(config: Config, tracker) -> dict[str, Any]:
     return {"best_epoch": result.best_epoch, "monitor": result.monitor, "value": result.best_value}
 
 
-@task(name="evaluate", cache_policy=NO_CACHE)
+@task(
+    name="evaluate",
+    retries=SERVER_RETRIES,
+    retry_delay_seconds=RETRY_DELAY_SECONDS,
+    cache_policy=NO_CACHE,
+)
 def evaluate_model(config: Config, tracker) -> dict[str, float]:
     """Test metrics and ROC/calibration plots of the trained model, logged to the parent."""
     from esmm.evaluate import METRICS_FILE, PLOTS_FOLDER, evaluate_stage
