@@ -53,3 +53,27 @@ def postgres_database():
         for name in created:
             cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     admin.close()
+
+
+@pytest.fixture(scope="module")
+def database_prefix():
+    """A unique database prefix per test module; the stack creates <prefix>_mlflow/_prefect/
+    _optuna, dropped here at the end. Skips where no PostgreSQL answers on 127.0.0.1:5432."""
+    import uuid
+
+    from esmm.stack import STORES
+
+    psycopg2 = pytest.importorskip("psycopg2")
+    try:
+        admin = psycopg2.connect(
+            host="127.0.0.1", port=5432, user="postgres", dbname="postgres", connect_timeout=3
+        )
+    except psycopg2.OperationalError as error:
+        pytest.skip(f"no PostgreSQL on 127.0.0.1:5432: {error}")
+    admin.autocommit = True
+    prefix = f"esmm_stack_{uuid.uuid4().hex[:8]}"
+    yield prefix
+    with admin.cursor() as cursor:
+        for store in STORES:
+            cursor.execute(f'DROP DATABASE IF EXISTS "{store.database(prefix)}" WITH (FORCE)')
+    admin.close()
