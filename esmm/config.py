@@ -196,7 +196,20 @@ class TuneSettings(_Section):
     study_name: str | None = None  # default: the config's name
     storage: str | None = None  # default: sqlite:///<output_dir>/optuna.db
     timeout_seconds: Annotated[float, Field(gt=0)] | None = None
+    # A running trial records a heartbeat this often; one silent for grace_seconds belonged to
+    # a killed worker and becomes FAIL (retried once). Tests shorten both.
+    heartbeat_seconds: Annotated[int, Field(ge=1)] = 10
+    grace_seconds: Annotated[int, Field(ge=1)] = 30
     space: SearchSpace = Field(default_factory=SearchSpace)
+
+    @model_validator(mode="after")
+    def _grace_outlasts_the_heartbeat(self) -> TuneSettings:
+        if self.grace_seconds <= self.heartbeat_seconds:
+            raise ValueError(
+                f"tune.grace_seconds ({self.grace_seconds}) must exceed tune.heartbeat_seconds "
+                f"({self.heartbeat_seconds}), or live trials would be failed as stale"
+            )
+        return self
 
 
 class TrackingSettings(_Section):

@@ -2,12 +2,15 @@
 rate and batch size when the config asks), scored on the validation split.
 
 The study lives in a database (``tune.storage``; SQLite under ``output_dir`` by default,
-PostgreSQL for many workers) under a name (``tune.study_name``), so a rerun resumes it: it runs
-only the trials still missing to reach ``tune.n_trials`` finished ones. A worker killed mid-trial
-leaves its trial RUNNING; the storage heartbeat turns it into FAIL once it has been silent for
-``GRACE_PERIOD_S`` and queues one retry with the same parameters. A study remembers the data
-and the search it was made for, and a run with other data or another search is refused rather
-than mixed into it.
+PostgreSQL for workers on many machines) under a name (``tune.study_name``), so a rerun resumes
+it: it runs only the trials still missing to reach ``tune.n_trials`` finished ones. Any number
+of workers (``tune_worker``; ``tune_stage`` is one of them) may share a study and together
+finish exactly ``tune.n_trials``: each creates its next trial under a lock of the storage, and
+only while the finished trials plus those running elsewhere fall short. A worker killed
+mid-trial leaves its trial RUNNING; once its heartbeat has been silent for
+``tune.grace_seconds``, the next worker marks it FAIL and queues one retry with the same
+parameters. A study remembers the data and the search it was made for, and a run with other
+data or another search is refused rather than mixed into it.
 
 The final model is trained by the pipeline from ``best_params`` with ``config_for_params``.
 """
@@ -16,23 +19,32 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import json
 import logging
 import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
 import time
 import warnings
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import IO, Any, Protocol
 
 import optuna
+import sqlalchemy
 from optuna.exceptions import ExperimentalWarning
 from optuna.trial import TrialState
 
 from esmm.atomic import atomic_path
-from esmm.config import Config, ConfigError, SearchSpace, TuneSettings
+from esmm.config import Config, ConfigError, SearchSpace, TuneSettings, dump_config
 from esmm.data.encode import EncodedSplit, FeatureEncoder
 from esmm.prepare import PreparedData, load_prepared
 from esmm.train import LOWER_IS_BETTER, EpochResult, fit, monitor_for
@@ -44,11 +56,17 @@ SUMMARY_FILE = "study_summary.csv"
 HISTORY_PLOT = "optimization_history.png"
 IMPORTANCE_PLOT = "param_importances.png"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-# A running trial records a heartbeat every HEARTBEAT_INTERVAL_S; one silent for GRACE_PERIOD_S
-# belonged to a killed worker: it becomes FAIL and is retried (once) with the same parameters.
-HEARTBEAT_INTERVAL_S = 10
-GRACE_PERIOD_S = 30
+# A trial whose heartbeat fell silent (tune.grace_seconds) becomes FAIL and is retried once.
 STALE_TRIAL_RETRIES = 1
+# Marks a RUNNING trial as reserved by a live worker ("host:pid"), set after its first heartbeat.
+WORKER_ATTR = "worker"
+# The pg_advisory_xact_lock key every esmm worker of a PostgreSQL storage takes.
+ADVISORY_LOCK_KEY = int.from_bytes(
+    hashlib.sha256(b"esmm.tune storage lock").digest()[:8], "big", signed=True
+)
+SQLITE_BUSY_TIMEOUT_S = 60  # local workers take turns writing one SQLite file
+MAX_WAIT_POLL_S = 5.0  # how often a worker whose missing trials all run elsewhere looks again
+WORKER_STOP_TIMEOUT_S = 10  # per step of stopping a local worker early
 # Optuna's default (5) would leave a study of a handful of trials almost never pruned.
 MEDIAN_STARTUP_TRIALS = 2
 
@@ -139,22 +157,85 @@ def default_storage_url(config: Config) -> str:
     return f"sqlite:///{config.output_path / 'optuna.db'}"
 
 
-def open_storage(url: str) -> optuna.storages.RDBStorage:
-    """The study database: pre-ping (PostgreSQL drops idle connections) and a heartbeat, so a
-    killed worker's trial ends as FAIL (and is retried) instead of RUNNING forever."""
-    if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+def study_name_for(config: Config) -> str:
+    return config.tune.study_name or config.name
+
+
+def storage_url_for(config: Config) -> str:
+    return config.tune.storage or default_storage_url(config)
+
+
+def open_storage(url: str, tune: TuneSettings | None = None) -> optuna.storages.RDBStorage:
+    """The study database, with pre-ping (PostgreSQL drops idle connections). A worker passes
+    ``tune``: its trials then record heartbeats every ``tune.heartbeat_seconds``, so a killed
+    worker's trial ends as FAIL (and is retried once) instead of RUNNING forever. SQLite waits
+    for another local worker's write instead of failing with "database is locked"."""
+    engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    sqlite_file = _sqlite_file(url)
+    if sqlite_file is not None:
+        sqlite_file.parent.mkdir(parents=True, exist_ok=True)
+        engine_kwargs["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_S}
+    heartbeat: dict[str, Any] = {}  # none for readers: only a trial's worker beats
     with warnings.catch_warnings():  # the heartbeat is marked experimental
         warnings.simplefilter("ignore", ExperimentalWarning)
-        return optuna.storages.RDBStorage(
-            url,
-            engine_kwargs={"pool_pre_ping": True},
-            heartbeat_interval=HEARTBEAT_INTERVAL_S,
-            grace_period=GRACE_PERIOD_S,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-                max_retry=STALE_TRIAL_RETRIES
-            ),
-        )
+        if tune is not None:
+            heartbeat = {
+                "heartbeat_interval": tune.heartbeat_seconds,
+                "grace_period": tune.grace_seconds,
+                "heartbeat_stale_trial_callback": (
+                    optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=STALE_TRIAL_RETRIES)
+                ),
+            }
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
+
+
+@contextlib.contextmanager
+def storage_lock(url: str) -> Iterator[None]:
+    """Held by one worker of the storage at a time, on any machine. It makes "does the study
+    need another trial? then create it" atomic, so workers that ask at the same moment cannot
+    overshoot ``tune.n_trials``. PostgreSQL: a transaction-level advisory lock on a connection
+    of its own, released at commit, or by the server when a killed worker's connection drops.
+    SQLite: an exclusive ``flock`` on ``<database>.lock``, released by the OS when the worker
+    dies (local disks only). Other databases get no lock: run one worker per study there."""
+    kind = _lock_kind(url)
+    if kind == "postgresql":
+        engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+        try:
+            with engine.begin() as connection:
+                connection.execute(
+                    sqlalchemy.text("SELECT pg_advisory_xact_lock(:key)"),
+                    {"key": ADVISORY_LOCK_KEY},
+                )
+                yield
+        finally:
+            engine.dispose()
+    elif kind == "sqlite":
+        import fcntl  # POSIX only, like the SQLite fallback itself: one machine
+
+        lock_file = Path(f"{_sqlite_file(url)}.lock")
+        lock_file.parent.mkdir(parents=True, exist_ok=True)
+        with lock_file.open("a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+    else:
+        yield
+
+
+def _lock_kind(url: str) -> str | None:
+    if sqlalchemy.engine.make_url(url).get_backend_name() == "postgresql":
+        return "postgresql"
+    return "sqlite" if _sqlite_file(url) is not None else None
+
+
+def _sqlite_file(url: str) -> Path | None:
+    """The database file of a SQLite URL; None for other databases and in-memory SQLite."""
+    parsed = sqlalchemy.engine.make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database)
 
 
 def seeded_sampler(seed: int, trials_so_far: int) -> optuna.samplers.TPESampler:
@@ -227,71 +308,328 @@ def tune_stage(
     """Stage `tune`: create or resume the study and run the trials it still misses to hold
     ``tune.n_trials`` finished (COMPLETE or PRUNED) ones, within ``tune.timeout_seconds``.
 
-    Every trial trains with ``config.seed`` (trials differ only by their parameters), without
-    checkpoints, on train/val encoded once here; it reports the validation ``tune.metric``
-    after each epoch, and the pruner may stop it. A trial that diverges or raises is recorded
-    FAIL and replaced, up to as many failures as trials this run needs. ``observer`` wraps each
-    trial (see ``TrialObserver``). Writes plots and ``study_summary.csv`` to
-    ``<output_dir>/tuning``. Raises ``StudyMismatch`` for a study made for other data or
-    another search, ``TuningFailed`` when no trial completed."""
-    if config.model.kind == "unbias":
-        raise ConfigError(
-            "tuning model.kind='unbias' is not supported: its rejection sampling needs a "
-            "reference CTR network trained first; tune 'esmm' (the shipped model) instead"
-        )
+    This process is one worker (``tune_worker``); workers elsewhere may share the study, and
+    together they finish exactly ``tune.n_trials``. Every trial trains with ``config.seed``
+    (trials differ only by their parameters), without checkpoints, on train/val encoded once
+    here; it reports the validation ``tune.metric`` after each epoch, and the pruner may stop
+    it. A trial that diverges or raises is recorded FAIL and replaced, up to as many failures
+    as trials this run needs. ``observer`` wraps each trial (see ``TrialObserver``). Writes
+    plots and ``study_summary.csv`` to ``<output_dir>/tuning``. Raises ``StudyMismatch`` for a
+    study made for other data or another search, ``TuningFailed`` when no trial completed."""
+    result = tune_worker(config, prepared, observer=observer, progress=progress)
+    return _write_outputs(config, result)
+
+
+def tune_worker(
+    config: Config,
+    prepared: PreparedData | None = None,
+    *,
+    observer: TrialObserver | None = None,
+    progress: bool = True,
+) -> TuneResult:
+    """`esmm tune-worker`: join the study at ``tune.storage`` and run trials until it holds
+    ``tune.n_trials`` finished ones, together with every other worker of the study (on this
+    machine or others). The study's summary comes back without plots (``outputs`` is None):
+    with many workers, the one that started them writes them once."""
+    _check_tunable(config)
     _quiet_optuna()
     if prepared is None:
         prepared = load_prepared(config)
     tune = config.tune
     fingerprint = prepared.manifest["fingerprint"]
-    study_name = tune.study_name or config.name
-    storage = tune.storage or default_storage_url(config)
-    direction = "minimize" if tune.metric in LOWER_IS_BETTER else "maximize"
-    study = optuna.create_study(
-        study_name=study_name,
-        storage=open_storage(storage),
-        pruner=make_pruner(tune),
-        direction=direction,
-        load_if_exists=True,
-    )
-    check_study_identity(study, study_identity(config, fingerprint), storage)
-    study.sampler = seeded_sampler(config.seed, len(study.get_trials(deepcopy=False)))
-    _fail_stale_trials(study)
-
-    missing = tune.n_trials - len(study.get_trials(deepcopy=False, states=FINISHED))
-    objective = None
+    url = storage_url_for(config)
+    study, storage = _join_study(config, fingerprint)
+    finished, running = _finished_and_reserved(study)
+    missing = tune.n_trials - finished
+    trials_run = 0
     if missing > 0:
         encoder = prepared.encoder
         train = encoder.encode_split(prepared.tables["train"])
         val = encoder.encode_split(prepared.tables["val"])
         log.info(
-            "study %r at %s: %d of %d trials finished; running %d more (%d train / %d val rows)",
-            study_name,
-            storage,
-            tune.n_trials - missing,
+            "study %r at %s: %d of %d trials finished, %d running elsewhere; %d more needed "
+            "(%d train / %d val rows)",
+            study.study_name,
+            url,
+            finished,
             tune.n_trials,
+            running,
             missing,
             len(train),
             len(val),
         )
         objective = _Objective(config, encoder, train, val, fingerprint, observer, progress)
-        study.optimize(
-            objective,
-            n_trials=2 * missing,  # each failure is replaced, up to `missing` of them
-            timeout=tune.timeout_seconds,
-            catch=(Exception,),
-            callbacks=[optuna.study.MaxTrialsCallback(tune.n_trials, states=FINISHED)],
-        )
+        # each failure is replaced, up to `missing` of them
+        trials_run = _run_trials(study, storage, objective, max_trials=2 * missing)
     else:
         log.info(
             "study %r at %s already holds %d finished trials; nothing to run",
-            study_name,
-            storage,
-            tune.n_trials - missing,
+            study.study_name,
+            url,
+            finished,
         )
-    result = _summarise(study, storage, tune.metric, objective.trials_run if objective else 0)
+    return _summarise(study, url, tune.metric, trials_run)
+
+
+def tune_with_workers(config: Config, workers: int) -> TuneResult:
+    """`esmm tune --workers N`: N local processes of ``esmm tune-worker`` on this config share
+    the study; their log lines are relayed with a ``[worker i]`` prefix. The study is joined
+    here first, so a mismatch is reported once (not by every worker) and its tables exist
+    before they start. Plots and the summary are written once, at the end. Raises
+    ``TuningFailed`` when workers failed and the study is short of ``tune.n_trials``."""
+    _check_tunable(config)
+    _quiet_optuna()
+    study, _ = _join_study(config, load_prepared(config).manifest["fingerprint"])
+    trials_before = len(study.get_trials(deepcopy=False))
+    finished, running = _finished_and_reserved(study)
+    exit_codes: list[int] = []
+    if finished < config.tune.n_trials:
+        log.info(
+            "study %r at %s: %d of %d trials finished, %d running elsewhere; starting %d workers",
+            study.study_name,
+            storage_url_for(config),
+            finished,
+            config.tune.n_trials,
+            running,
+            workers,
+        )
+        with tempfile.TemporaryDirectory(prefix="esmm-tune-") as folder:
+            config_file = Path(folder) / "config.yaml"
+            config_file.write_text(dump_config(config))
+            exit_codes = _run_worker_processes(config_file, workers)
+        finished, _ = _finished_and_reserved(study)
+    else:
+        log.info(
+            "study %r at %s already holds %d finished trials; no worker needed",
+            study.study_name,
+            storage_url_for(config),
+            finished,
+        )
+    failures = [f"worker {i} exited with {code}" for i, code in enumerate(exit_codes) if code]
+    if failures and finished < config.tune.n_trials:
+        raise TuningFailed(
+            f"{', '.join(failures)}; study {study.study_name!r} holds {finished} of "
+            f"{config.tune.n_trials} finished trials (the workers' log lines above say why)"
+        )
+    for failure in failures:
+        log.warning("%s; the other workers finished the study", failure)
+    trials_run = len(study.get_trials(deepcopy=False)) - trials_before
+    result = _summarise(study, storage_url_for(config), config.tune.metric, trials_run)
+    return _write_outputs(config, result)
+
+
+def _check_tunable(config: Config) -> None:
+    if config.model.kind == "unbias":
+        raise ConfigError(
+            "tuning model.kind='unbias' is not supported: its rejection sampling needs a "
+            "reference CTR network trained first; tune 'esmm' (the shipped model) instead"
+        )
+
+
+def _join_study(
+    config: Config, data_fingerprint: str
+) -> tuple[optuna.Study, optuna.storages.RDBStorage]:
+    """Create or load the study, under the storage lock: workers starting together on a new
+    database do not race to create its tables or stamp the study twice. Refuses a study made
+    for other settings and fails the trials of stopped workers."""
+    tune = config.tune
+    url = storage_url_for(config)
+    if _lock_kind(url) is None:
+        log.warning(
+            "tune.storage %s: no lock between workers on this database; run one worker per "
+            "study (PostgreSQL or SQLite coordinate many)",
+            url,
+        )
+    with storage_lock(url):
+        storage = open_storage(url, tune)
+        study = optuna.create_study(
+            study_name=study_name_for(config),
+            storage=storage,
+            pruner=make_pruner(tune),
+            direction="minimize" if tune.metric in LOWER_IS_BETTER else "maximize",
+            load_if_exists=True,
+        )
+        check_study_identity(study, study_identity(config, data_fingerprint), url)
+        _fail_stale_trials(study)
+    return study, storage
+
+
+def worker_id() -> str:
+    """This worker's mark on the trials it runs (the ``worker`` user attribute)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _finished_and_reserved(study: optuna.Study) -> tuple[int, int]:
+    """Finished trials, and RUNNING ones reserved by a live worker: marked with WORKER_ATTR
+    (set after their first heartbeat) and not yet failed as stale. A trial whose worker died
+    between creating it and marking it is not counted: nobody would ever finish it."""
+    trials = study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
+    finished = sum(trial.state in FINISHED for trial in trials)
+    reserved = sum(
+        trial.state == TrialState.RUNNING and WORKER_ATTR in trial.user_attrs for trial in trials
+    )
+    return finished, reserved
+
+
+def _run_trials(
+    study: optuna.Study,
+    storage: optuna.storages.RDBStorage,
+    objective: _Objective,
+    *,
+    max_trials: int,
+) -> int:
+    """The worker loop; returns the number of trials it ran. Under the storage lock: fail
+    stale trials, count finished + reserved, and create the next trial only if that is below
+    ``tune.n_trials``. When the missing trials all run elsewhere, wait: one may still fail
+    (or its worker die) and need replacing. Stops at ``tune.n_trials`` finished, after
+    ``max_trials`` of its own or at ``tune.timeout_seconds``."""
+    config = objective.config
+    tune = config.tune
+    url = storage_url_for(config)
+    study_id = storage.get_study_id_from_name(study.study_name)
+    deadline = None if tune.timeout_seconds is None else time.monotonic() + tune.timeout_seconds
+    trials_run = 0
+    while trials_run < max_trials and (deadline is None or time.monotonic() < deadline):
+        with storage_lock(url):
+            _fail_stale_trials(study)
+            finished, reserved = _finished_and_reserved(study)
+            if finished >= tune.n_trials:
+                break
+            reservation = None
+            if finished + reserved < tune.n_trials:
+                reservation = _reserve_trial(study, storage, study_id, config)
+        if reservation is None:
+            time.sleep(min(tune.heartbeat_seconds, MAX_WAIT_POLL_S))
+            continue
+        trials_run += 1
+        _run_trial(study, storage, *reservation, objective)
+    return trials_run
+
+
+def _reserve_trial(
+    study: optuna.Study, storage: optuna.storages.RDBStorage, study_id: int, config: Config
+) -> tuple[optuna.Trial, int]:
+    """Create the next trial (a queued retry first), draw its parameters, record its first
+    heartbeat and mark it with this worker, all before the storage lock is released. The
+    sampler is seeded from the study's length, so concurrent workers draw different points
+    and a resumed study does not replay its first draws."""
+    study.sampler = seeded_sampler(config.seed, len(study.get_trials(deepcopy=False)))
+    with warnings.catch_warnings():  # the heartbeat below is ours: no Study.optimize needed
+        warnings.filterwarnings("ignore", message="Heartbeat of storage", category=UserWarning)
+        trial = study.ask()
+    suggest_params(trial, config.tune.space)
+    trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+    storage.record_heartbeat(trial_id)
+    trial.set_user_attr(WORKER_ATTR, worker_id())
+    return trial, trial_id
+
+
+def _run_trial(
+    study: optuna.Study,
+    storage: optuna.storages.RDBStorage,
+    trial: optuna.Trial,
+    trial_id: int,
+    objective: _Objective,
+) -> None:
+    """Train the trial with its heartbeat running and tell the study how it ended. Ctrl-C
+    records it FAIL and stops the worker. A trial that another worker already failed as stale
+    (this worker's heartbeat fell silent for longer than the grace period) stays FAIL."""
+    with _heartbeat(storage, trial_id, objective.config.tune.heartbeat_seconds):
+        value, state = None, TrialState.COMPLETE
+        try:
+            value = objective.run(trial)
+        except optuna.TrialPruned:
+            state = TrialState.PRUNED
+        except Exception:  # logged by the objective; the study goes on
+            state = TrialState.FAIL
+        except KeyboardInterrupt:
+            study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+            raise
+        told = study.tell(trial, value, state=state, skip_if_finished=True)
+    if told.state != state:
+        log.warning(
+            "trial #%d had already been failed by another worker: its heartbeat was silent "
+            "for over tune.grace_seconds=%d s; its result is not counted",
+            trial.number,
+            objective.config.tune.grace_seconds,
+        )
+
+
+@contextlib.contextmanager
+def _heartbeat(storage: optuna.storages.RDBStorage, trial_id: int, seconds: int) -> Iterator[None]:
+    """Record the trial's heartbeat every ``seconds`` while it trains. A worker that dies
+    stops it; a database hiccup is logged and retried at the next beat."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(seconds):
+            try:
+                storage.record_heartbeat(trial_id)
+            except Exception as error:  # the trial goes on; the next beat retries
+                log.warning("heartbeat of trial id %d not recorded: %s", trial_id, error)
+
+    thread = threading.Thread(target=beat, name=f"esmm-heartbeat-{trial_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _run_worker_processes(config_file: Path, workers: int) -> list[int]:
+    """Start the worker processes, relay their output line by line and wait for them. If this
+    process stops early, the workers still running are stopped too (see ``_stop_workers``)."""
+    command = [sys.executable, "-m", "esmm.cli", "tune-worker", "-c", str(config_file), "-q"]
+    processes = [
+        subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+        )
+        for _ in range(workers)
+    ]
+    relays = [
+        threading.Thread(target=_relay, args=(process.stdout, f"[worker {i}] "), daemon=True)
+        for i, process in enumerate(processes)
+    ]
+    for relay in relays:
+        relay.start()
+    try:
+        for process in processes:
+            process.wait()
+    finally:
+        _stop_workers(processes)
+        for relay in relays:
+            relay.join()
+    return [process.returncode for process in processes]
+
+
+def _stop_workers(processes: list[subprocess.Popen]) -> None:
+    """Ctrl-C reaches the whole process group, so each worker first gets time to record its
+    running trial FAIL on its own (a second SIGINT could interrupt that); a worker still
+    running then gets SIGINT, and at last SIGKILL (its trial then fails by heartbeat)."""
+    for stop in (None, signal.SIGINT, signal.SIGKILL):
+        running = [process for process in processes if process.poll() is None]
+        for process in running:
+            if stop is not None:
+                process.send_signal(stop)
+        for process in running:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=WORKER_STOP_TIMEOUT_S)
+
+
+_RELAY_LOCK = threading.Lock()
+
+
+def _relay(stream: IO[str], prefix: str) -> None:
+    for line in stream:
+        with _RELAY_LOCK:
+            sys.stderr.write(prefix + line)
+            sys.stderr.flush()
+
+
+def _write_outputs(config: Config, result: TuneResult) -> TuneResult:
     result.outputs = config.output_path / TUNING_FOLDER
-    write_study_plots(study, result.outputs)
+    write_study_plots(result, result.outputs)
     log.info(
         "best trial #%d: %s %.4f  emb %d towers %s",
         result.best_trial_number,
@@ -304,8 +642,8 @@ def tune_stage(
 
 
 class _Objective:
-    """One trial: draw params, train with them, report every epoch, return the best epoch's
-    validation metric; logs one line per trial with its outcome and an ETA."""
+    """One trial's training: train with the trial's params, report every epoch, return the
+    best epoch's validation metric; logs one line per trial with its outcome and an ETA."""
 
     def __init__(
         self,
@@ -323,13 +661,11 @@ class _Objective:
         self.observer = observer
         self.progress = progress
         self.monitor = monitor_for(config.model.kind, config.tune.metric)
-        self.trials_run = 0
         self.seconds: list[float] = []
 
-    def __call__(self, trial: optuna.Trial) -> float:
+    def run(self, trial: optuna.Trial) -> float:
         started = time.perf_counter()
-        self.trials_run += 1
-        params = suggest_params(trial, self.config.tune.space)
+        params = dict(trial.params)
         trial_config = config_for_params(
             self.config, params, epochs=self.config.tune.epochs, monitor=self.config.tune.metric
         )
@@ -382,10 +718,13 @@ class _Objective:
     ) -> None:
         seconds = time.perf_counter() - started
         self.seconds.append(seconds)
-        finished = len(trial.study.get_trials(deepcopy=False, states=FINISHED))
+        states = Counter(trial.state for trial in trial.study.get_trials(deepcopy=False))
+        finished = sum(states[state] for state in FINISHED)
         finished += 0 if outcome.startswith("FAILED") else 1  # this trial is still RUNNING
         remaining = max(self.config.tune.n_trials - finished, 0)
-        eta = remaining * sum(self.seconds) / len(self.seconds)
+        # the running trials (this one included) are the workers sharing what remains
+        workers = max(states[TrialState.RUNNING], 1)
+        eta = remaining * sum(self.seconds) / len(self.seconds) / workers
         searched = "".join(
             f" {label} {params[key]:{spec}}"
             for key, label, spec in (("learning_rate", "lr", ".2e"), ("batch_size", "batch", "d"))
@@ -501,16 +840,28 @@ def _write_summary(study: optuna.Study, path: Path) -> Path:
 
 def _fail_stale_trials(study: optuna.Study) -> None:
     """Fail (and queue a retry of) trials whose worker stopped sending heartbeats, before
-    counting what is missing; Optuna does the same before each trial it starts."""
-    running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+    counting what is missing. Called under the storage lock, so no other worker creates or
+    fails stale trials meanwhile; a trial that another worker tells FAIL at the same moment
+    may be logged here as stale too."""
+    running = {
+        trial.number for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    }
     if not running:
         return
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
-    stale = running - len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+    stale = sorted(
+        trial.number
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+        if trial.number in running
+    )
     if stale:
-        log.info("%d trial(s) of a stopped worker marked FAIL; each is retried once", stale)
+        log.info(
+            "trial(s) %s of a stopped worker marked FAIL (heartbeat silent for over "
+            "tune.grace_seconds); each is retried once",
+            ", ".join(f"#{number}" for number in stale),
+        )
 
 
 class _DropFailedTrialWarnings(logging.Filter):

@@ -171,7 +171,7 @@ def test_study_holds_n_trials_resumes_to_more_and_writes_outputs(tmp_path, prepa
     assert len(summary) == 4 and not list(outputs.glob("*.tmp"))
 
 
-def test_a_killed_run_resumes_without_losing_finished_trials(tmp_path, prepared_dir, monkeypatch):
+def test_a_killed_run_resumes_without_losing_finished_trials(tmp_path, prepared_dir):
     folder, prepared = prepared_dir
     # Small batches make a trial take about a second, so the kill lands inside the study.
     config = small_config(tmp_path, n_trials=3, epochs=3)
@@ -200,7 +200,9 @@ def test_a_killed_run_resumes_without_losing_finished_trials(tmp_path, prepared_
     killed = [n for n, trial in before.items() if trial.state == TrialState.RUNNING]
     assert 1 <= len(done_before) < 3 and len(killed) == 1 and before[killed[0]].params
 
-    monkeypatch.setattr(esmm.tune, "GRACE_PERIOD_S", 1)  # so the rerun sees the stale trial
+    # A short grace period, so the rerun finds the killed trial stale (its last heartbeat was
+    # recorded when the trial started, at least 0.3 s before the kill).
+    config.tune.heartbeat_seconds, config.tune.grace_seconds = 1, 2
     time.sleep(2.2)
     result = tune_stage(config, prepared, progress=False)
     study = load(config)
