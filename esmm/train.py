@@ -10,6 +10,8 @@ run that was never interrupted.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -18,6 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -29,6 +32,9 @@ from esmm.data.encode import EncodedFeatures, EncodedSplit, FeatureEncoder
 from esmm.data.table import DataError
 from esmm.metrics import evaluate_predictions
 from esmm.progress import progress_bar
+
+if TYPE_CHECKING:
+    from esmm.distributed import DataParallel
 
 log = logging.getLogger(__name__)
 
@@ -87,21 +93,73 @@ def build_optimizers(model: nn.Module, settings: TrainSettings) -> list[torch.op
     return optimizers
 
 
+PRECISIONS = ("float32", "bfloat16")  # of predict(); float32 everywhere but in scoring
+
+
 @torch.no_grad()
 def predict(
-    model: nn.Module, features: EncodedFeatures, batch_size: int = 65536
+    model: nn.Module,
+    features: EncodedFeatures,
+    batch_size: int = 65536,
+    precision: str = "float32",
 ) -> tuple[np.ndarray | None, np.ndarray | None]:
     """pCTR and pCVR for every row, scored in contiguous slices in eval mode; None for an
-    output the model does not have (BASE has no pCTR, the CTR network no pCVR)."""
+    output the model does not have (BASE has no pCTR, the CTR network no pCVR).
+
+    ``precision="bfloat16"`` is for scoring only: the forward pass runs under bfloat16
+    autocast, about 2.5 times float32's speed on a CPU with AVX512-BF16, and the logits are
+    cast back to float32 before the sigmoid; pCVR moves by about 1e-3 at most (measured in
+    benchmarks/RESULTS.md, section 2). Where the CPU lacks bfloat16 it scores in float32 and
+    logs why. Validation during training and the evaluation metrics use float32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    bfloat16 = precision == "bfloat16" and _bfloat16_available()
     was_training = model.training
     model.eval()
     pctr, pcvr = [], []
     for start in range(0, len(features), batch_size):
-        output = model(features.slice(start, min(start + batch_size, len(features))))
+        batch = features.slice(start, min(start + batch_size, len(features)))
+        if bfloat16:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                output = model(batch)
+            output = _float32_logits(output)
+        else:
+            output = model(batch)
         pctr.append(output.pctr)
         pcvr.append(output.pcvr)
     model.train(was_training)
     return _concat(pctr), _concat(pcvr)
+
+
+@functools.cache
+def bfloat16_matmul_supported() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX-BF16 in Linux's
+    /proc/cpuinfo); elsewhere bfloat16 autocast is emulated and slower than float32."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+@functools.cache
+def _bfloat16_available() -> bool:
+    """bfloat16_matmul_supported(), with the fallback logged once per process."""
+    if bfloat16_matmul_supported():
+        return True
+    log.warning("no bfloat16 matrix multiply on this CPU (avx512_bf16, amx_bf16): float32 scoring")
+    return False
+
+
+def _float32_logits(output):
+    """A model output (a dataclass of logits) with its tensors cast to float32, so that the
+    probabilities derived from it are computed in float32."""
+    tensors = {
+        f.name: value.float()
+        for f in dataclasses.fields(output)
+        if isinstance(value := getattr(output, f.name), torch.Tensor)
+    }
+    return dataclasses.replace(output, **tensors)
 
 
 def _concat(parts: list[torch.Tensor | None]) -> np.ndarray | None:
@@ -141,11 +199,15 @@ def train_model(
     callbacks: list[EpochCallback] | None = None,
     progress: bool = True,
     signature: str = "",
+    parallel: DataParallel | None = None,
 ) -> TrainingResult:
     """Train ``model`` in place; on return it holds the weights of the best validation epoch.
 
     ``signature`` identifies the data, model and settings; resuming from a checkpoint written
-    under another signature is refused rather than silently mixing two runs."""
+    under another signature is refused rather than silently mixing two runs. ``parallel``
+    makes this process one rank of data-parallel training (esmm.distributed): it trains on
+    its share of each batch, takes rank 0's validation metrics, and only rank 0 writes
+    checkpoints; callbacks run on every rank."""
     if settings.threads:
         torch.set_num_threads(settings.threads)
     optimizers = build_optimizers(model, settings)
@@ -175,7 +237,7 @@ def train_model(
             **{**state["result"], "history": [EpochResult(**h) for h in state["result"]["history"]]}
         )
         log.info("resuming from %s after epoch %d", checkpoint_path, start_epoch)
-        if state.get("finished"):
+        if result.stopped_early or start_epoch >= settings.epochs:  # nothing left to train
             model.load_state_dict(best_state)
             return result
     elif resume:
@@ -183,11 +245,16 @@ def train_model(
 
     rows = _training_rows(model, train, seed)
     n_rows = len(train) if rows is None else rows.numel()
+    forward = model if parallel is None else parallel.wrap(model)
+    evaluate = evaluate_split if parallel is None else parallel.evaluate
+    writes_checkpoints = checkpoint_path is not None and (parallel is None or parallel.is_main)
     for epoch in range(start_epoch, settings.epochs):
         started = time.perf_counter()
-        train_loss = _run_epoch(model, optimizers, train, rows, settings, seed, epoch, progress)
+        train_loss = _run_epoch(
+            model, forward, optimizers, train, rows, settings, seed, epoch, progress, parallel
+        )
         seconds = time.perf_counter() - started
-        val_metrics = evaluate_split(model, val, settings.eval_batch_size)
+        val_metrics = evaluate(model, val, settings.eval_batch_size)
         epoch_result = EpochResult(epoch + 1, train_loss, val_metrics, seconds, n_rows / seconds)
         result.history.append(epoch_result)
 
@@ -201,7 +268,6 @@ def train_model(
         else:
             stale_epochs += 1
         result.stopped_early = stale_epochs >= settings.patience
-        finished = result.stopped_early or epoch + 1 == settings.epochs
         headline = "  ".join(
             f"{name} {val_metrics[name]:.4f}"
             for name in ("cvr_auc_clicked", "ctcvr_auc", "ctr_auc")
@@ -218,7 +284,7 @@ def train_model(
             epoch_result.samples_per_second,
             "  (best)" if result.best_epoch == epoch + 1 else "",
         )
-        if checkpoint_path is not None:
+        if writes_checkpoints:
             _save_checkpoint(
                 checkpoint_path,
                 {
@@ -228,7 +294,7 @@ def train_model(
                     "stale_epochs": stale_epochs,
                     "epochs_done": epoch + 1,
                     "result": result.to_dict(),
-                    "finished": finished,
+                    "signature": signature,
                 },
             )
         for callback in callbacks or []:
@@ -256,6 +322,7 @@ def _training_rows(model: nn.Module, train: EncodedSplit, seed: int) -> torch.Te
 
 def _run_epoch(
     model: nn.Module,
+    forward: nn.Module,
     optimizers: list[torch.optim.Optimizer],
     train: EncodedSplit,
     rows: torch.Tensor | None,
@@ -263,21 +330,27 @@ def _run_epoch(
     seed: int,
     epoch: int,
     progress: bool,
+    parallel: DataParallel | None,
 ) -> float:
+    """One pass over the epoch's permutation; ``forward`` is ``model`` itself or, in
+    data-parallel training, its gradient-averaging wrapper, and ``parallel`` cuts this rank's
+    share out of the permutation."""
     model.train()
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    n_rows = len(train) if rows is None else rows.numel()
-    order = torch.randperm(n_rows, generator=generator)
+    order = torch.randperm(len(train) if rows is None else rows.numel(), generator=generator)
     if rows is not None:
         order = rows[order]
     batch_size = settings.batch_size
+    if parallel is not None:
+        order, batch_size = parallel.epoch_rows(order, batch_size)
+    n_rows = order.numel()
     n_batches = math.ceil(n_rows / batch_size)
     loss_sum = torch.zeros((), dtype=torch.float64)
     with progress_bar("samples", enabled=progress) as bar:
         task = bar.add_task(f"epoch {epoch + 1}/{settings.epochs}", total=n_rows)
         for step in range(n_batches):
             batch = order[step * batch_size : (step + 1) * batch_size]
-            output = model(train.features.take(batch))
+            output = forward(train.features.take(batch))
             loss, _ = model.loss(output, train.click[batch], train.conversion[batch])
             if not torch.isfinite(loss):
                 raise TrainingDiverged(
@@ -293,6 +366,8 @@ def _run_epoch(
             loss_sum += loss.detach() * batch.numel()
             if step % 20 == 0 or step == n_batches - 1:
                 bar.update(task, completed=min((step + 1) * batch_size, n_rows))
+    if parallel is not None:
+        return parallel.mean(loss_sum, n_rows)
     return float(loss_sum) / n_rows
 
 
@@ -339,6 +414,7 @@ def fit(
     progress: bool = True,
     reference_ctr: nn.Module | None = None,
     callbacks: list[EpochCallback] | None = None,
+    parallel: DataParallel | None = None,
 ) -> tuple[nn.Module, TrainingResult]:
     """Build one model from ``model_settings`` (seeded) and train it with ``config.train``;
     ``callbacks`` see every epoch's result (tuning reports and prunes through them)."""
@@ -361,6 +437,7 @@ def fit(
         callbacks=callbacks,
         progress=progress,
         signature=run_signature(identity, data_fingerprint),
+        parallel=parallel,
     )
     return model, result
 
@@ -371,10 +448,11 @@ def train_stage(
     resume: bool = False,
     progress: bool = True,
     callbacks: list[EpochCallback] | None = None,
+    parallel: DataParallel | None = None,
 ) -> tuple[nn.Module, TrainingResult]:
     """Stage `train`: build the configured model on the prepared data, train it, and save it
     (weights, spec and encoder) to ``<output_dir>/model``. UNBIAS first trains the reference
-    CTR network it samples with."""
+    CTR network it samples with. With ``parallel`` (esmm.distributed) only rank 0 saves."""
     from esmm.models import save_trained_model
     from esmm.prepare import load_prepared
 
@@ -401,6 +479,7 @@ def train_stage(
             checkpoint_dir=checkpoints / "reference_ctr",
             resume=resume,
             progress=progress,
+            parallel=parallel,
         )
     model, result = fit(
         config,
@@ -415,7 +494,10 @@ def train_stage(
         progress=progress,
         reference_ctr=reference_ctr,
         callbacks=callbacks,
+        parallel=parallel,
     )
+    if parallel is not None and not parallel.is_main:
+        return model, result
     spec = {
         **config.model.model_dump(mode="json"),
         "best_epoch": result.best_epoch,

@@ -101,6 +101,7 @@ def test_resume_after_interruption_gives_the_same_final_weights(data, tmp_path):
             progress=False,
             checkpoint_dir=tmp_path,
             callbacks=[kill_after_epoch_2],
+            signature="run-a",
         )
     assert (tmp_path / "last.pt").exists()
     assert not list(tmp_path.glob("*.tmp"))
@@ -115,6 +116,7 @@ def test_resume_after_interruption_gives_the_same_final_weights(data, tmp_path):
         progress=False,
         checkpoint_dir=tmp_path,
         resume=True,
+        signature="run-a",
     )
     assert [h.epoch for h in resumed.history] == [1, 2, 3, 4]
     assert resumed.best_epoch == full.best_epoch
@@ -177,3 +179,31 @@ def test_resume_refuses_a_checkpoint_from_another_run(data, tmp_path):
             resume=True,
             signature="run-b",
         )
+
+
+def test_train_stage_resumes_its_own_checkpoint_with_a_larger_epoch_budget(tmp_path):
+    """`esmm train --resume` end to end: the checkpoint carries the run's signature (data,
+    seed, model, settings), so the same run continues and only the epoch budget may grow."""
+    from esmm.config import load_config
+    from esmm.data.sources import simulate_to_file
+    from esmm.prepare import prepare
+    from esmm.train import train_stage
+
+    overrides = [
+        f"output_dir={tmp_path}",
+        "data.simulator.rows=8000",
+        "data.simulator.days=4",
+        "model.embedding_dim=4",
+        "model.tower_dims=[8]",
+        "train.patience=5",
+    ]
+    config = load_config(None, [*overrides, "train.epochs=1"])
+    simulate_to_file(config)
+    prepare(config)
+    train_stage(config, progress=False)
+    longer = load_config(None, [*overrides, "train.epochs=2"])
+    _, result = train_stage(longer, resume=True, progress=False)
+    assert [h.epoch for h in result.history] == [1, 2]
+    other_seed = load_config(None, [*overrides, "train.epochs=2", "seed=1"])
+    with pytest.raises(CheckpointMismatch):
+        train_stage(other_seed, resume=True, progress=False)
