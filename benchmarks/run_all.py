@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 
-from _common import BENCH_DIR, RESULTS_DIR, command_line, lock_held_elsewhere
+from _common import BENCH_DIR, RESULTS_DIR, command_line, lock_held_elsewhere, median
 
 SCRIPTS = (  # machine_limit reads train_throughput's result, so it runs after it
     "train_throughput",
@@ -27,6 +27,7 @@ SCRIPTS = (  # machine_limit reads train_throughput's result, so it runs after i
     "machine_limit",
     "parse_throughput",
     "simulator_throughput",
+    "serve_latency",
 )
 ALICCP_TRAIN_ROWS = 42_300_135
 ALICCP_TEST_ROWS = 43_016_840
@@ -92,6 +93,7 @@ def report(quick: bool, run_seconds: dict[str, float]) -> str:
     train, score = results["train_throughput"], results["score_throughput"]
     limit, parse = results["machine_limit"], results["parse_throughput"]
     sim = results["simulator_throughput"]
+    serve = results["serve_latency"]
     machine = next(iter(present.values()))["machine"]
     out: list[str] = []
     add = out.append
@@ -175,10 +177,10 @@ def report(quick: bool, run_seconds: dict[str, float]) -> str:
                 [f"training, ours / plain loop ({kind})", t["ratio"], "≥ 3", verdict(t["ratio"], 3)]
             )
     if score:
-        v = score["samples_per_s"]
-        rows.append(
-            [f"scoring, batch {score['batch_size']} (samples/s)", v, "≥ 500,000", verdict(v, 5e5)]
-        )
+        for precision, r in score["by_precision"].items():
+            v = r["samples_per_s"]
+            name = f"scoring, batch {score['batch_size']}, {precision} (samples/s)"
+            rows.append([name, v, "≥ 500,000", verdict(v, 5e5)])
     if parse:
         rows.append(
             [
@@ -206,6 +208,8 @@ def report(quick: bool, run_seconds: dict[str, float]) -> str:
         add(memory_section(train, parse))
     if sim:
         add(simulator_section(sim))
+    if serve:
+        add(serve_section(serve))
     reading = BENCH_DIR / "reading.md"
     if reading.exists() and not quick:
         add(reading.read_text().rstrip() + "\n")
@@ -299,6 +303,7 @@ def training_section(train: dict, limit: dict | None) -> str:
 def scoring_section(score: dict) -> str:
     rows = [
         [
+            precision,
             b,
             score["rows"],
             r["samples_per_s"],
@@ -306,19 +311,28 @@ def scoring_section(score: dict) -> str:
             r["forward_limit_samples_per_s"],
             f"{100 * r['samples_per_s'] / r['forward_limit_samples_per_s']:.0f}%",
         ]
-        for b, r in score["by_batch_size"].items()
+        for precision, result in score["by_precision"].items()
+        for b, r in result["by_batch_size"].items()
     ]
-    bf = score["prototype_bf16_autocast"]
-    top = ", ".join(f"{e['op']} {100 * e['share']:.0f}%" for e in score["profile"][:4])
+    d = score["bfloat16_difference"]
+    auc32, auc16 = (score["by_precision"][p]["auc"] for p in ("float32", "bfloat16"))
+    aucs = [[name, auc32[name], auc16[name], diff] for name, diff in d["auc"].items()]
+    tops = {
+        precision: ", ".join(f"{e['op']} {100 * e['share']:.0f}%" for e in where[:4])
+        for precision, where in score["profile"].items()
+    }
     return "\n".join(
         [
             "## 2. Scoring throughput (`score_throughput.py`)",
             "",
-            "`esmm.train.predict` over the small-vocabulary table (pCTR and pCVR of every row); "
-            "*forward limit*: the towers' forward matrix multiplies alone at that batch size.",
+            "`esmm.train.predict` over the small-vocabulary table (pCTR and pCVR of every row), "
+            f'in float32 (the default) and with `precision="bfloat16"`, on weights trained for '
+            f"one epoch on {score['train_rows']:,} rows whose labels depend on the ids; *forward "
+            "limit*: the towers' forward matrix multiplies alone at that batch size and precision.",
             "",
             table(
                 [
+                    "precision",
                     "batch",
                     "rows",
                     "samples/s",
@@ -329,11 +343,16 @@ def scoring_section(score: dict) -> str:
                 rows,
             ),
             "",
-            f"- torch.profiler, share of self CPU time in one predict call: {top}.",
-            f"- Prototype (not the library): the same predict under bfloat16 autocast: "
-            f"{num(bf['samples_per_s'])} samples/s; pCVR differs from float32 by at most "
-            f"{bf['max_abs_pcvr_difference']:.1e} (mean {bf['mean_abs_pcvr_difference']:.1e}) "
-            "with these freshly initialised weights.",
+            f"bfloat16 against float32, same rows and weights: pCVR differs by at most "
+            f"{d['max_abs_pcvr']:.1e} (mean {d['mean_abs_pcvr']:.1e}), pCTR by at most "
+            f"{d['max_abs_pctr']:.1e} (mean {d['mean_abs_pctr']:.1e}).",
+            "",
+            table(["AUC", "float32", "bfloat16", "bfloat16 - float32"], aucs),
+            "",
+            *(
+                f"- torch.profiler, {precision}, share of self CPU time in one predict call: {top}."
+                for precision, top in tops.items()
+            ),
             "",
         ]
     )
@@ -434,6 +453,14 @@ def parse_section(parse: dict) -> str:
         table(["parser", "lines/s", "repeats min-max", "× plain"], rows),
         "",
     ]
+    if "cpu_ratio" in parse:
+        ours_cpu, plain_cpu = (median(parse[k]) for k in ("ours_cpu_seconds", "plain_cpu_seconds"))
+        out += [
+            "In this process's CPU time (less moved by other jobs on the cores): "
+            f"`read_aliccp_raw` {ours_cpu:.2f} s, the plain parser {plain_cpu:.2f} s, "
+            f"{parse['cpu_ratio']:.2f}×.",
+            "",
+        ]
     if prof:
         wall = prof["wall_seconds_under_profiler"]
         out.append(f"Where `read_aliccp_raw`'s time goes (cProfile, one read, {wall:.2f} s):")
@@ -548,6 +575,57 @@ def simulator_section(sim: dict) -> str:
             f"build + 10,000 rows) took {sim['first_call_seconds']:.2f} s and is not in the rates.",
             "",
             table(["rows", "rows/s", "best s", "Arrow B/row"], rows),
+            "",
+        ]
+    )
+
+
+def serve_section(serve: dict) -> str:
+    m = serve["model"]
+    rows = [
+        [
+            s["rows"],
+            s["requests"],
+            f"{s['p50_ms']:.1f}",
+            f"{s['p99_ms']:.1f}",
+            s["requests_per_s"],
+            s["rows_per_s"],
+            f"{s['in_process_p50_ms']:.1f}",
+            s["body_bytes"],
+        ]
+        for s in serve["sizes"].values()
+    ]
+    cpu = serve["cpu_accounting"]
+    others = cpu["other_processes_cpu_seconds"] - serve["server_cpu_seconds"]
+    load = max(0.0, others) / (cpu["wall_seconds"] * serve["machine"]["logical_cpus"])
+    return "\n".join(
+        [
+            "## 6. REST serving latency (`serve_latency.py`)",
+            "",
+            f"`{serve['server']}` serving a registry alias (embedding {m['embedding_dim']}, towers "
+            f"{'-'.join(map(str, m['tower_dims']))}); `dataframe_records` requests sent one after "
+            "another on one keep-alive connection, after warm-up requests; latency from send to "
+            "the answer's last byte. *in-process*: the same rows through the loaded pyfunc "
+            "model's predict, without HTTP and JSON. Client and server share the machine's "
+            f"cores. The server used {serve['server_cpu_seconds']:.1f} CPU-s (counted as other "
+            "processes' CPU in the table above: its uvicorn is not a child of the script); "
+            f"other processes than the server used {100 * load:.1f}% of the machine. The "
+            f"server answered /ping {serve['startup_seconds']:.1f} s after start. With fewer "
+            "than 100 timed requests, p99 lies between the two slowest.",
+            "",
+            table(
+                [
+                    "rows/request",
+                    "requests",
+                    "p50 ms",
+                    "p99 ms",
+                    "requests/s",
+                    "rows/s",
+                    "in-process p50 ms",
+                    "request bytes",
+                ],
+                rows,
+            ),
             "",
         ]
     )

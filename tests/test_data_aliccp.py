@@ -439,6 +439,54 @@ def test_feature_count_mismatch_and_unknown_fields_are_counted(
     assert report.unknown_field_features == 2 and report.unknown_field_lines == [2]
 
 
+def test_field_names_are_matched_whole(tmp_path: Path, common: Path) -> None:
+    near = [("x205", 1), ("0205", 2), ("20", 3), ("109_1", 4), ("x109_14", 5), ("2055", 6)]
+    lines = [
+        skeleton_line(1, 0, 0, CFI_A, [*near, ("205", 7), ("109_14", 8), ("210", 9)]),
+        skeleton_line(2, 0, 0, CFI_A, [("206", 1), *near]),  # a near name right after the comma
+    ]
+    table, report = read(tmp_path, lines, common)
+    rows = table.to_pylist()
+    assert rows[0]["205"] == 7 and rows[0]["109_14"] == [8] and rows[0]["210"] == [9]
+    assert rows[1]["206"] == 1 and rows[1]["205"] is None and rows[1]["109_14"] == [1, 2]
+    assert report.unknown_field_features == 2 * len(near) and report.unknown_field_lines == [1, 2]
+
+
+def test_user_fields_from_the_skeleton_in_some_chunks_only(tmp_path: Path, common: Path) -> None:
+    """Chunks where every row takes a user field from its common record, and chunks where
+    some rows carry it on the skeleton line, give the same rows."""
+    lines = [good(i) for i in range(1, 40)]
+    lines[30] = skeleton_line(31, 0, 0, CFI_A, [("205", 7), ("109_14", 9), ("101", 5)])
+    for chunk_bytes in (64 << 20, 200):
+        table, report = read(tmp_path, lines, common, chunk_bytes=chunk_bytes)
+        assert table["109_14"].to_pylist() == [[1, 2]] * 30 + [[9]] + [[1, 2]] * 8
+        assert table["101"].to_pylist() == [11] * 30 + [5] + [11] * 8
+        assert table["121"].to_pylist() == [3] * 39 and report.rows_kept == 39
+
+
+def test_runs_of_common_feature_indexes_find_their_records(tmp_path: Path, common: Path) -> None:
+    order = [CFI_A, CFI_A, CFI_B, "c" * 16, "c" * 16, CFI_B, CFI_A, CFI_B]
+    lines = [skeleton_line(i + 1, 0, 0, cfi, [("205", i)]) for i, cfi in enumerate(order)]
+    for chunk_bytes in (64 << 20, 90):  # runs cut by chunk ends too
+        table, report = read(tmp_path, lines, common, chunk_bytes=chunk_bytes)
+        assert table["101"].to_pylist() == [11, 11, 22, 22, 11, 22]
+        assert table["205"].to_pylist() == [0, 1, 2, 5, 6, 7]
+        assert report.unknown_common_feature_index_lines == [4, 5]
+
+
+def test_a_malformed_line_among_many_leaves_its_chunk_readable(
+    tmp_path: Path, common: Path
+) -> None:
+    lines = [good(i, item=i) for i in range(1, 2001)]
+    lines[1234] = lines[1234].replace("\x03", "\x03x", 1)  # a bad value in line 1235
+    table, report = read(tmp_path, lines, common, sample_id="int64")
+    assert report.malformed == 1 and report.malformed_lines[0][0] == 1235
+    assert "non-numeric feature value" in report.malformed_lines[0][1]
+    expected = [i for i in range(1, 2001) if i != 1235]
+    assert table["sample_id"].to_pylist() == expected and table["205"].to_pylist() == expected
+    assert table["109_14"].to_pylist() == [[1, 2]] * 1999
+
+
 def test_fields_join_absent_values_and_line_endings(tmp_path: Path, common: Path) -> None:
     lines = [
         skeleton_line(7, 1, 1, CFI_A, [("210", 4), ("301", 2), ("210", 3)]),

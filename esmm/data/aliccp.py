@@ -40,7 +40,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -48,6 +48,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from esmm.data.table import CLICK, CONVERSION, DAY, DataError, FieldKind, FieldSpec, TableSchema
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 ALICCP_USER_FIELDS = (
     "101",
@@ -77,6 +80,9 @@ ALICCP_MULTI_FIELDS = frozenset({"109_14", "110_14", "127_14", "150_14", "210"})
 SAMPLE_ID = "sample_id"
 REPORT_METADATA_KEY = "esmm_aliccp_report"  # Parquet key-value metadata of a converted file
 MAX_REPORTED_LINES = 20
+# Lines read per chunk: 8 MiB keeps a chunk's numpy temporaries near the CPU caches and in the
+# allocator's reused memory; 64 MiB chunks parse about 25% slower on the benchmark's file.
+DEFAULT_CHUNK_BYTES = 8 << 20
 
 ConversionPolicy = Literal["drop", "clear", "error"]
 MalformedPolicy = Literal["report", "error"]
@@ -293,7 +299,7 @@ def read_aliccp_raw(
     common_features_path: str | Path,
     *,
     day: int = 0,
-    chunk_bytes: int = 64 << 20,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     conversion_without_click: ConversionPolicy = "drop",
     on_malformed: MalformedPolicy = "report",
     sample_id: SampleIdType = "auto",
@@ -329,7 +335,7 @@ def convert_aliccp_raw(
     output_path: str | Path,
     *,
     day: int = 0,
-    chunk_bytes: int = 64 << 20,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     conversion_without_click: ConversionPolicy = "drop",
     on_malformed: MalformedPolicy = "report",
     sample_id: SampleIdType = "auto",
@@ -363,7 +369,7 @@ def read_paddlerec(
     path: str | Path,
     *,
     day: int = 0,
-    chunk_bytes: int = 64 << 20,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     conversion_without_click: ConversionPolicy = "drop",
     on_malformed: MalformedPolicy = "report",
     sample_id: SampleIdType = "auto",
@@ -602,39 +608,91 @@ def _string_buffers(strings: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     return offsets, data
 
 
-def _field_keys(names: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted 64-bit keys (bytes little-endian, length in the top byte) and field indexes."""
-    keys = np.array(
-        [int.from_bytes(n.encode(), "little") | (len(n) << 56) for n in names], np.uint64
-    )
-    order = np.argsort(keys)
-    return keys[order], order.astype(np.int64)
+@dataclass(frozen=True)
+class _FieldTable:
+    """Known field names found from the 8 bytes before a field separator, without a search.
+
+    A known name of L bytes (L <= 7) is recognised when the L bytes before the separator are the
+    name and the byte before them is a feature separator; the key is those L + 1 bytes
+    (little-endian, L in the top byte), looked up in a 256-slot multiplicative hash table."""
+
+    lengths: tuple[int, ...]
+    multiplier: np.uint64
+    keys: np.ndarray  # uint64 per slot, 0 where empty
+    index: np.ndarray  # field index per slot
+
+    @staticmethod
+    def build(names: tuple[str, ...], separators: bytes) -> _FieldTable:
+        lengths = tuple(sorted({len(name) for name in names}))
+        assert lengths[-1] <= 7, "field names of up to 7 bytes fit a key"
+        entries = {
+            int.from_bytes(bytes([sep]) + name.encode(), "little") | (len(name) << 56): f
+            for f, name in enumerate(names)
+            for sep in separators
+        }
+        keys = np.array(list(entries), np.uint64)
+        rng = np.random.default_rng(0)
+        while True:  # a collision-free odd multiplier: a few tries for a few dozen keys
+            multiplier = np.uint64(int(rng.integers(1, 1 << 62)) * 2 + 1)
+            slots = (keys * multiplier) >> np.uint64(56)
+            if len(np.unique(slots)) == len(keys):
+                break
+        table_keys = np.zeros(256, np.uint64)
+        table_index = np.full(256, -1, np.int64)
+        table_keys[slots] = keys
+        table_index[slots] = list(entries.values())
+        return _FieldTable(lengths, multiplier, table_keys, table_index)
+
+    def lookup(self, words: np.ndarray) -> np.ndarray:
+        """Field index (or -1) per word: the 8 bytes that end just before a field separator."""
+        field = np.full(len(words), -1, np.int64)
+        for length in self.lengths:
+            key = (words >> np.uint64(8 * (7 - length))) | np.uint64(length << 56)
+            slot = ((key * self.multiplier) >> np.uint64(56)).view(np.int64)
+            field = np.where(self.keys[slot] == key, self.index[slot], field)
+        return field
 
 
-_KNOWN_KEYS, _KNOWN_INDEX = _field_keys(ALICCP_FIELDS)
+_RAW_FIELDS = _FieldTable.build(ALICCP_FIELDS, b"\x01,")
+_PADDLE_FIELDS = _FieldTable.build(ALICCP_FIELDS, b",")
 _LOW_BYTES = np.array([(1 << (8 * n)) - 1 for n in range(8)] + [(1 << 64) - 1], np.uint64)
+# the low nibbles of the last ``count`` bytes of a word (index: count, 0-8)
+_DIGIT_MASKS = np.array([~int(_LOW_BYTES[8 - n]) & 0x0F0F0F0F0F0F0F0F for n in range(9)], np.uint64)
 
 
 def _words(data: np.ndarray, start: np.ndarray) -> np.ndarray:
     """The 8 bytes of ``data`` from each ``start`` as little-endian uint64; bytes outside
-    ``data`` (``start`` from -7 to ``len(data) - 1``) read as 0. ``len(data) >= 8``."""
-    windows = np.lib.stride_tricks.sliding_window_view(data, 8)
+    ``data`` (``start`` from -7 to ``len(data) - 1``) read as 0. ``len(data) >= 8``.
+
+    Gathered through an unaligned uint64 view of the bytes (stride 1): one indexed load per
+    word."""
+    view = np.ndarray((len(data) - 7,), "<u8", data, strides=(1,))
     if len(start) == 0 or (start.min() >= 0 and start.max() <= len(data) - 8):
-        return windows[start].view("<u8").reshape(-1)
+        return view[start]
     at = np.clip(start, 0, len(data) - 8)
-    words = windows[at].view("<u8").reshape(-1)
-    words = words >> (np.maximum(start - at, 0) * 8).astype(np.uint64)
+    words = view[at] >> (np.maximum(start - at, 0) * 8).astype(np.uint64)
     return words << (np.maximum(at - start, 0) * 8).astype(np.uint64)
 
 
 def _eight_digits(words: np.ndarray, count: np.ndarray) -> np.ndarray:
     """The number written by the last ``count`` (0-8) bytes of each word (ASCII digits, first
-    digit lowest), by SWAR arithmetic; the bytes before them are read as '0'."""
-    keep = ~_LOW_BYTES[8 - count]
-    words = (words & keep) | (np.uint64(0x3030303030303030) & ~keep)
-    words = ((words & np.uint64(0x0F0F0F0F0F0F0F0F)) * np.uint64(2561)) >> np.uint64(8)
+    digit lowest), by SWAR arithmetic; the bytes before them count as 0."""
+    words = words & _DIGIT_MASKS[count]
+    words = (words * np.uint64(2561)) >> np.uint64(8)
     words = ((words & np.uint64(0x00FF00FF00FF00FF)) * np.uint64(6553601)) >> np.uint64(16)
     return ((words & np.uint64(0x0000FFFF0000FFFF)) * np.uint64(42949672960001)) >> np.uint64(32)
+
+
+def _decimal_ids(data: np.ndarray, end: np.ndarray, digits: np.ndarray) -> np.ndarray:
+    """The ids of 1 to 18 ASCII digits that end before each ``end``, eight digits at a time."""
+    ids = _eight_digits(_words(data, end - 8), np.minimum(digits, 8)).astype(np.int64)
+    for step in (1, 2):
+        if (digits > 8 * step).any():  # usually all or none: no gather of a subset
+            more = _eight_digits(
+                _words(data, end - 8 * (step + 1)), np.clip(digits - 8 * step, 0, 8)
+            )
+            ids += more.astype(np.int64) * 10 ** (8 * step)
+    return ids
 
 
 def _tokenize(
@@ -645,14 +703,14 @@ def _tokenize(
 
     Raw lists are ``field\\x02id\\x03value`` joined by ``\\x01``; PaddleRec lists ``field:id``
     joined by ``,``. Only valid input is given (checked by a regular expression before), so each
-    feature has exactly one field separator, and ids are 1 to 18 digits.
+    feature has exactly one field separator, and ids are 1 to 18 digits. Each separator is found
+    with one pass over the bytes; fields and ids are read from the 8-byte words around it.
     """
     empty = np.zeros(0, np.int64)
     if len(starts) == 0 or not (ends > starts).any():
         return empty, empty, empty
     lo, hi = int(starts[0]), int(ends[-1])
     segment = data[lo:hi]
-    feature_sep, field_sep = (1, 2) if raw else (ord(","), ord(":"))
 
     def inside(byte: int) -> tuple[np.ndarray, np.ndarray]:
         """Positions of ``byte`` within the ranges, and how many each range holds."""
@@ -663,47 +721,23 @@ def _tokenize(
             at = at[_ranges(first, counts)]
         return at, counts
 
-    field_at, per_line = inside(field_sep)
-    feature_sep_at, _ = inside(feature_sep)
+    field_at, per_line = inside(2 if raw else ord(":"))
     n = len(field_at)
     if n == 0:
         return empty, empty, empty
     line = np.repeat(np.arange(len(starts)), per_line)
-    new_line = np.ones(n, bool)
-    new_line[1:] = line[1:] != line[:-1]
-    # a feature starts at its list's start or one past the separator before it
-    begin = np.empty(n, np.int64)
-    begin[new_line] = starts[line[new_line]]
-    begin[~new_line] = feature_sep_at + 1
     if raw:
         id_end, _ = inside(3)
-    else:
-        last = np.ones(n, bool)
-        last[:-1] = new_line[1:]
+    else:  # an id ends at the next feature's ',' or at the list's end
+        last = np.zeros(n, bool)
+        last[np.cumsum(per_line)[per_line > 0] - 1] = True
         id_end = np.empty(n, np.int64)
         id_end[last] = ends[line[last]]
-        id_end[~last] = feature_sep_at
-    # field: up to 7 bytes packed little-endian into a key with the length in the top byte
+        id_end[~last] = inside(ord(","))[0]
     if len(data) < 8:
         data = np.concatenate((data, np.zeros(8, np.uint8)))
-    length = field_at - begin
-    keys = (_words(data, begin) & _LOW_BYTES[np.minimum(length, 8)]) | (
-        length.astype(np.uint64) << np.uint64(56)
-    )
-    slot = np.minimum(np.searchsorted(_KNOWN_KEYS, keys), len(_KNOWN_KEYS) - 1)
-    field = np.where((_KNOWN_KEYS[slot] == keys) & (length <= 7), _KNOWN_INDEX[slot], -1)
-    # id: up to 18 digits ending at id_end, eight at a time
-    digits = id_end - field_at - 1
-    ids = _eight_digits(_words(data, id_end - 8), np.minimum(digits, 8)).astype(np.int64)
-    for step in (1, 2):
-        longer = np.flatnonzero(digits > 8 * step)
-        if len(longer):
-            more = _eight_digits(
-                _words(data, id_end[longer] - 8 * (step + 1)),
-                np.minimum(digits[longer] - 8 * step, 8),
-            )
-            ids[longer] += more.astype(np.int64) * 10 ** (8 * step)
-    return line, field, ids
+    field = (_RAW_FIELDS if raw else _PADDLE_FIELDS).lookup(_words(data, field_at - 8))
+    return line, field, _decimal_ids(data, id_end, id_end - field_at - 1)
 
 
 # --------------------------------------------------------------------------- the reader
@@ -745,13 +779,31 @@ class _Parsed:
 @dataclass
 class _Common:
     """The common-features lookup, columnar: record i has, for field f, the ids
-    ``ids[f][offsets[f][i]:offsets[f][i + 1]]`` (None where no record has field f)."""
+    ``ids[f][offsets[f][i]:offsets[f][i + 1]]`` (None where no record has field f), and the
+    same as an Arrow array of one value per record (``columns[f]``: a list for a multi field,
+    an id or null for a single one) that Arrow's ``take`` copies to the rows of a chunk."""
 
-    index: pa.Array
+    lookup: pd.Index  # each distinct common_feature_index once (its hash table is built once)
+    first_record: np.ndarray  # the record each ``lookup`` entry names (its first occurrence)
     offsets: list[np.ndarray | None]
     ids: list[np.ndarray | None]
+    columns: list[pa.Array | None]
     hashes: list[np.ndarray | None]
     repeats: list[np.ndarray | None]  # single fields: ids dropped per record
+
+    def records(self, index: pa.Array) -> np.ndarray:
+        """The record of each common_feature_index, -1 where there is none. A skeleton file
+        is grouped by user, so only the first of each run of equal indexes is looked up
+        (``pc.index_in`` would rebuild a hash set of all 730k indexes for every chunk)."""
+        n = len(index)
+        if n == 0:
+            return np.zeros(0, np.int64)
+        starts_run = np.ones(n, bool)
+        starts_run[1:] = ~_np(pc.equal(index.slice(1), index.slice(0, n - 1))).astype(bool)
+        heads = np.flatnonzero(starts_run)
+        slot = self.lookup.get_indexer(_np(index.take(pa.array(heads))))
+        record = np.where(slot >= 0, self.first_record[slot], -1)
+        return np.repeat(record, np.diff(np.append(heads, n)))
 
 
 class _Progress:
@@ -1149,18 +1201,25 @@ class _Reader:
             _first_lines(
                 report.common_duplicate_index_lines, np.concatenate(first_lines)[duplicate]
             )
-        common = _Common(index_all, [], [], [], [])
+        import pandas as pd  # imported here: only raw Ali-CCP reading needs it
+
+        distinct = np.flatnonzero(~duplicate)
+        lookup = pd.Index(_np(index_all.take(pa.array(distinct))))
+        common = _Common(lookup, distinct, [], [], [], [], [])
         for f in range(_N_FIELDS):
             length = np.concatenate(lengths[f]) if lengths[f] else np.zeros(n, np.int64)
             if not length.any():
-                for part in (common.offsets, common.ids, common.hashes, common.repeats):
+                parts = (common.offsets, common.ids, common.columns, common.hashes, common.repeats)
+                for part in parts:
                     part.append(None)
                 continue
             ids_f = np.concatenate(id_parts[f])
             if len(ids_f) and ids_f.min() >= 0 and ids_f.max() < (1 << 31):
                 ids_f = ids_f.astype(np.int32)  # halves the lookup's memory
-            common.offsets.append(np.concatenate(([0], np.cumsum(length))))
+            offsets = np.concatenate(([0], np.cumsum(length)))
+            common.offsets.append(offsets)
             common.ids.append(ids_f)
+            common.columns.append(_record_column(f, offsets, ids_f))
             common.hashes.append(np.concatenate(hash_parts[f]))
             repeats = np.concatenate(repeat_parts[f])
             common.repeats.append(repeats if repeats.any() else None)
@@ -1191,13 +1250,13 @@ class _Reader:
         record = None
         if common is not None:
             assert rows.index is not None
-            found = pc.index_in(rows.index, value_set=common.index)
-            unknown = _np(pc.is_null(found)).astype(bool)
+            record = common.records(rows.index)
+            unknown = record < 0
             if unknown.any():
                 report.unknown_common_feature_index += int(unknown.sum())
                 _first_lines(report.unknown_common_feature_index_lines, rows.line_no[unknown])
                 keep &= ~unknown
-            record = _np(found.fill_null(0)).astype(np.int64)
+                record = np.maximum(record, 0)
         if not keep.all():
             record = None if record is None else record[keep]
             tok_keep = keep[rows.tok_row]
@@ -1236,6 +1295,7 @@ class _Reader:
                 col.record = record
                 col.common_offsets = common.offsets[f]
                 col.common_ids = common.ids[f]
+                col.common_column = common.columns[f]
                 from_common = col.skel_counts == 0
                 starts = col.common_offsets[record]
                 col.common_counts = np.where(
@@ -1289,6 +1349,19 @@ class _Reader:
         self._seen = np.sort(np.concatenate((seen, unique[~found])), kind="stable")
 
 
+def _record_column(f: int, offsets: np.ndarray, ids: np.ndarray) -> pa.Array:
+    """Field ``f`` of the common-feature records as one Arrow value per record (sharing
+    ``ids``' memory for a multi field)."""
+    if not _IS_MULTI[f]:
+        values = np.zeros(len(offsets) - 1, np.int64)
+        has = offsets[1:] > offsets[:-1]
+        values[has] = ids  # a single field keeps one id per record
+        return pa.array(values, pa.int64(), mask=~has)
+    if offsets[-1] < (1 << 31):
+        return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(ids))
+    return pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(ids))
+
+
 def _by_field(
     row: np.ndarray, fld: np.ndarray, ids: np.ndarray
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -1322,6 +1395,7 @@ class _FieldColumn:
     common_offsets: np.ndarray | None = None
     common_ids: np.ndarray | None = None
     common_counts: np.ndarray | None = None
+    common_column: pa.Array | None = None
 
     def lengths(self) -> np.ndarray:
         if self.common_counts is None:
@@ -1329,6 +1403,12 @@ class _FieldColumn:
         return self.skel_counts + self.common_counts
 
     def build(self, start: int, end: int) -> pa.Array:
+        if self.common_column is not None and len(self.skel_rows) == 0:
+            # the usual case for a user field: every row's ids are its record's
+            assert self.record is not None
+            values = self.common_column.take(pa.array(self.record[start:end]))
+            wanted = pa.list_(pa.int64()) if _IS_MULTI[self.f] else pa.int64()
+            return values if values.type == wanted else pc.cast(values, wanted)
         n = end - start
         lo, hi = np.searchsorted(self.skel_rows, [start, end])
         rows = self.skel_rows[lo:hi] - start
