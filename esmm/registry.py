@@ -161,7 +161,12 @@ def register_version(
             name, description="ESMM post-click conversion-rate models (esmm pipeline)."
         )
     tags = {f"test.{key}": f"{value:.6f}" for key, value in test_metrics.items()}
-    version = client.create_model_version(name, model_uri, run_id=run_id, tags=tags)
+    # A logged model's URI (models:/m-<id>) must come with its id: a tracking server checks
+    # that the source belongs to it (a local store does not).
+    model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
+    version = client.create_model_version(
+        name, model_uri, run_id=run_id, tags=tags, model_id=model_id
+    )
     for _ in range(60):  # local stores are READY at once; servers may take a moment
         if client.get_model_version(name, version.version).status == "READY":
             break
