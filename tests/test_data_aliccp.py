@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -541,9 +542,153 @@ def test_bad_options_raise_value_error(tmp_path: Path, common: Path) -> None:
         {"conversion_without_click": "keep"},
         {"on_malformed": "ignore"},
         {"chunk_bytes": 0},
+        {"workers": 0},
     ):
         with pytest.raises(ValueError):
             read_aliccp_raw(skeleton, common, **QUIET, **options)
+
+
+# --------------------------------------------------------------------------- chunks in threads
+
+
+def noisy_skeleton(tmp_path: Path) -> tuple[Path, Path]:
+    """A skeleton file of many small chunks with every kind of line the report counts:
+    malformed, conversion without click, unknown common_feature_index, duplicates."""
+    rng = np.random.default_rng(11)
+    table = canonical_table(n=600, n_users=30, seed=5)
+    skeleton, common_file = write_aliccp_raw(table, tmp_path / "s.csv", tmp_path / "c.csv")
+    lines = skeleton.read_text().splitlines()
+    for at in rng.choice(len(lines), 60, replace=False):
+        kind = int(rng.integers(0, 4))
+        if kind == 0:  # malformed
+            lines[at] = lines[at].replace("\x02", "", 1)
+        elif kind == 1:  # conversion without click
+            sample_id, _, _, rest = lines[at].split(",", 3)
+            lines[at] = f"{sample_id},0,1,{rest}"
+        elif kind == 2:  # unknown common_feature_index
+            parts = lines[at].split(",")
+            lines[at] = ",".join([*parts[:3], "f" * 16, *parts[4:]])
+        else:  # a duplicate of the previous line's content
+            lines[at] = f"{at + 1}," + lines[at - 1].split(",", 1)[1]
+    return write_lines(skeleton, lines), common_file
+
+
+def parsed_in_threads(monkeypatch) -> list[str]:
+    """Names of the threads that split chunks into lines, recorded as the reader runs."""
+    from esmm.data import aliccp
+
+    names: list[str] = []
+    split = aliccp._split_lines
+
+    def recording(chunk: bytes, first_line: int):
+        names.append(threading.current_thread().name)
+        return split(chunk, first_line)
+
+    monkeypatch.setattr(aliccp, "_split_lines", recording)
+    return names
+
+
+@pytest.mark.parametrize("policy", ["drop", "clear"])
+def test_threads_give_the_single_threaded_table_and_report(
+    tmp_path: Path, monkeypatch, policy: str
+) -> None:
+    skeleton, common_file = noisy_skeleton(tmp_path)
+    threads = parsed_in_threads(monkeypatch)
+    options = {**QUIET, "chunk_bytes": 2000, "conversion_without_click": policy}
+    one, one_report = read_aliccp_raw(skeleton, common_file, workers=1, **options)
+    assert threads and not any(name.startswith("aliccp") for name in threads)
+    assert one_report.malformed and one_report.conversion_without_click
+    assert one_report.unknown_common_feature_index and one_report.duplicate_rows
+    for workers in (2, 3):
+        threads.clear()
+        table, report = read_aliccp_raw(skeleton, common_file, workers=workers, **options)
+        assert sum(name.startswith("aliccp") for name in threads) > 50
+        assert table.equals(one)
+        assert [batch.num_rows for batch in table.to_batches()] == [
+            batch.num_rows for batch in one.to_batches()
+        ]
+        assert {**report.to_dict(), "seconds": 0} == {**one_report.to_dict(), "seconds": 0}
+    out = tmp_path / "t.parquet"
+    convert_aliccp_raw(skeleton, common_file, out, workers=2, **options)
+    assert pq.read_table(out).equals(one)
+
+
+def test_lines_in_later_chunks_are_reported_with_their_file_numbers(
+    tmp_path: Path, common: Path
+) -> None:
+    lines = [good(i, item=i) for i in range(1, 301)]
+    malformed = [137, 138, 212, *range(240, 260), 299]
+    for at in malformed:
+        lines[at - 1] = f"{at},0"
+    lines[180 - 1] = good(180, 0, 1, item=180)  # conversion without click
+    skeleton = write_lines(tmp_path / "skeleton.csv", lines)
+    assert skeleton.stat().st_size > 40 * 300  # chunks of 300 bytes: dozens of them
+    for workers in (1, 2):
+        _, report = read_aliccp_raw(skeleton, common, chunk_bytes=300, workers=workers, **QUIET)
+        assert report.malformed == len(malformed)
+        assert report.malformed_lines == [
+            (at, "wrong number of columns (truncated line?): 2 columns, 6 expected")
+            for at in malformed[:20]
+        ]
+        assert report.conversion_without_click_lines == [180]
+        assert report.lines_read == 300 and report.rows_kept == 300 - len(malformed) - 1
+        with pytest.raises(DataError, match=r"1 lines with conversion=1 .* \[180\]"):
+            read_aliccp_raw(
+                skeleton, common, chunk_bytes=300, workers=workers, on_malformed="report",
+                conversion_without_click="error", **QUIET,
+            )  # fmt: skip
+        first_bad = r"skeleton\.csv: 2 malformed lines in lines \d+-\d+ .*line 137: .*; line 138: "
+        with pytest.raises(DataError, match=first_bad):
+            read_aliccp_raw(
+                skeleton, common, chunk_bytes=300, workers=workers, on_malformed="error", **QUIET
+            )
+
+
+def test_auto_sample_id_type_comes_from_the_first_chunk_with_a_line(
+    tmp_path: Path, common: Path
+) -> None:
+    lines = ["1,0", "2,0", "", good(4), *(good(i, item=i) for i in range(5, 60))]
+    lines[30] = lines[30].replace("31,", "x31,", 1)  # a string id after int64 was chosen
+    skeleton = write_lines(tmp_path / "skeleton.csv", lines)
+    results = [
+        read_aliccp_raw(skeleton, common, chunk_bytes=60, workers=workers, **QUIET)
+        for workers in (1, 2)
+    ]
+    for table, report in results:
+        assert report.sample_id_type == "int64" and table.schema.field("sample_id").type == "int64"
+        assert [line for line, _ in report.malformed_lines] == [1, 2, 31]
+        assert "non-numeric sample_id" in report.malformed_lines[2][1]
+    assert results[0][0].equals(results[1][0])
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_chunks_in_flight_are_bounded(tmp_path: Path, monkeypatch, workers: int) -> None:
+    from esmm.data import aliccp
+
+    table = canonical_table(n=400)
+    skeleton, common_file = write_aliccp_raw(table, tmp_path / "s.csv", tmp_path / "c.csv")
+    first_lines: list[int] = []  # of the skeleton chunks read so far
+    iter_chunks = aliccp._iter_chunks
+
+    def recording(path: Path, *args):
+        for chunk in iter_chunks(path, *args):
+            if path == skeleton:
+                first_lines.append(chunk.first_line)
+            yield chunk
+
+    monkeypatch.setattr(aliccp, "_iter_chunks", recording)
+    reader = aliccp._Reader(
+        "raw", skeleton, common_file, day=0, chunk_bytes=1000, cwc="drop",
+        on_malformed="report", sample_id="int64", progress=False, workers=workers,
+    )  # fmt: skip
+    in_flight, batches = [], []
+    for batch in reader._batches():  # sample_id is the line number
+        chunk = int(np.searchsorted(first_lines, batch["sample_id"][0].as_py(), "right")) - 1
+        in_flight.append(len(first_lines) - chunk)  # read, and not yet handed on
+        batches.append(batch)
+    assert len(first_lines) > 40
+    assert max(in_flight) == (workers + 1 if workers > 1 else 1), in_flight
+    assert pa.Table.from_batches(batches).equals(table)
 
 
 # --------------------------------------------------------------------------- PaddleRec

@@ -24,7 +24,9 @@ validated as a decimal number but not kept: values are ignored. A single field g
 once in one impression keeps its first id; the dropped ids are counted.
 
 Parsing is vectorised over chunks of lines (``pyarrow.compute`` string kernels and numpy); Python
-code runs per line only to word the few bad lines that a report lists. Every problem with the
+code runs per line only to word the few bad lines that a report lists. Those kernels release the
+GIL, so chunks are parsed by a pool of threads (``workers``, default one per available core),
+a bounded number at a time, and handed on in file order. Every problem with the
 data raises :class:`~esmm.data.table.DataError` naming the file, or is counted in an
 :class:`AliccpReadReport` with the 1-based line numbers of the first
 :data:`MAX_REPORTED_LINES` cases.
@@ -33,11 +35,14 @@ data raises :class:`~esmm.data.table.DataError` naming the file, or is counted i
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -304,6 +309,7 @@ def read_aliccp_raw(
     on_malformed: MalformedPolicy = "report",
     sample_id: SampleIdType = "auto",
     progress: bool = True,
+    workers: int | None = None,
 ) -> tuple[pa.Table, AliccpReadReport]:
     """Read a raw Tianchi skeleton file and its common-features file into the canonical table.
 
@@ -314,6 +320,10 @@ def read_aliccp_raw(
     validated (one regular expression per line) and then parsed from the bytes with numpy;
     only bad lines are split token by token to name their problem. See
     :class:`AliccpReadReport` for what is counted, dropped or raised.
+
+    ``workers`` threads parse skeleton chunks in parallel (default: the cores this process may
+    run on; 1 parses every chunk in the calling thread). The table, the report and the errors
+    raised are the same for any ``workers``; at most ``workers + 1`` chunks are held at a time.
     """
     reader = _Reader(
         "raw",
@@ -325,6 +335,7 @@ def read_aliccp_raw(
         on_malformed=on_malformed,
         sample_id=sample_id,
         progress=progress,
+        workers=workers,
     )
     return reader.to_table()
 
@@ -340,16 +351,18 @@ def convert_aliccp_raw(
     on_malformed: MalformedPolicy = "report",
     sample_id: SampleIdType = "auto",
     progress: bool = True,
+    workers: int | None = None,
 ) -> AliccpReadReport:
     """Stream a raw Ali-CCP skeleton file (with its common-features file) into a Parquet file.
 
     Each chunk becomes one or more row groups of a temporary file beside ``output_path``, which
     is renamed to ``output_path`` at the end; on any error the temporary file is removed and
     nothing is left under the final name. Memory is bounded by the chunk size (and a cap on the
-    feature ids per row group) plus the common-features lookup and 8 bytes per distinct row
-    (to count duplicates). The file's ``esmm`` schema metadata
-    (:func:`esmm.data.table.read_parquet_metadata`) names the source and the field schema; the
-    report is under the Parquet key-value metadata key :data:`REPORT_METADATA_KEY`.
+    feature ids per row group) times the ``workers + 1`` chunks in flight, plus the
+    common-features lookup and 8 bytes per distinct row (to count duplicates). The file's
+    ``esmm`` schema metadata (:func:`esmm.data.table.read_parquet_metadata`) names the source
+    and the field schema; the report is under the Parquet key-value metadata key
+    :data:`REPORT_METADATA_KEY`.
     """
     reader = _Reader(
         "raw",
@@ -361,6 +374,7 @@ def convert_aliccp_raw(
         on_malformed=on_malformed,
         sample_id=sample_id,
         progress=progress,
+        workers=workers,
     )
     return reader.to_parquet(output_path)
 
@@ -374,9 +388,11 @@ def read_paddlerec(
     on_malformed: MalformedPolicy = "report",
     sample_id: SampleIdType = "auto",
     progress: bool = True,
+    workers: int | None = None,
 ) -> tuple[pa.Table, AliccpReadReport]:
     """Read a PaddleRec ESMM text file (``sample_id,click,conversion,field:id,...``) into the
-    canonical Ali-CCP table; fields absent from a line are null (single) or empty (multi)."""
+    canonical Ali-CCP table; fields absent from a line are null (single) or empty (multi).
+    ``workers`` as for :func:`read_aliccp_raw`."""
     reader = _Reader(
         "paddlerec",
         path,
@@ -387,6 +403,7 @@ def read_paddlerec(
         on_malformed=on_malformed,
         sample_id=sample_id,
         progress=progress,
+        workers=workers,
     )
     return reader.to_table()
 
@@ -424,10 +441,20 @@ def _split_lines(chunk: bytes, first_line: int) -> _Lines:
     return _Lines(text, first_line + np.arange(n, dtype=np.int64), non_ascii)
 
 
-def _iter_lines(
+@dataclass
+class _Chunk:
+    """A piece of a file cut at a line break, parsed on its own (possibly in another thread)."""
+
+    data: bytes  # whole lines: ends at a line break or at the end of the file
+    first_line: int  # 1-based file line number of its first line
+
+
+def _iter_chunks(
     path: Path, chunk_bytes: int, advance: Callable[[int, int], None]
-) -> Iterator[_Lines]:
-    """The file's lines in chunks of about ``chunk_bytes``, cut at line breaks only."""
+) -> Iterator[_Chunk]:
+    """The file in chunks of about ``chunk_bytes``, cut at line breaks only. Lines are counted
+    here (not split) so that the next chunk's first line number is known before this one is
+    parsed, possibly in another thread."""
     line_no = 1
     carry = b""
     try:
@@ -438,10 +465,9 @@ def _iter_lines(
         while True:
             block = handle.read(chunk_bytes)
             if not block:
-                if carry:
-                    lines = _split_lines(carry, line_no)
-                    advance(0, len(lines.line_no))
-                    yield lines
+                if carry:  # a last line without a line break
+                    advance(0, 1)
+                    yield _Chunk(carry, line_no)
                 return
             data = carry + block if carry else block
             cut = data.rfind(b"\n")
@@ -450,10 +476,10 @@ def _iter_lines(
                 advance(len(block), 0)
                 continue
             chunk, carry = data[: cut + 1], data[cut + 1 :]
-            lines = _split_lines(chunk, line_no)
-            line_no += len(lines.line_no)
-            advance(len(block), len(lines.line_no))
-            yield lines
+            n_lines = chunk.count(b"\n")
+            advance(len(block), n_lines)
+            yield _Chunk(chunk, line_no)
+            line_no += n_lines
 
 
 # --------------------------------------------------------------------------- small kernels
@@ -806,6 +832,57 @@ class _Common:
         return np.repeat(record, np.diff(np.append(heads, n)))
 
 
+@dataclass
+class _ChunkResult:
+    """One chunk of the main file, parsed: its batches and its counts, to be handed on in
+    file order (the duplicate count needs the rows of every earlier chunk first)."""
+
+    tally: AliccpReadReport  # the chunk's counts and first lines
+    batches: list[pa.RecordBatch]
+    content: np.ndarray  # per kept row: content hash (for the duplicate count)
+    line_no: np.ndarray  # per kept row: file line number
+
+
+# what a chunk's tally adds to the file's report (the duplicate count is kept by the reader)
+_TALLIED = (
+    "lines_read",
+    "blank_lines",
+    "rows_kept",
+    "clicks",
+    "conversions",
+    "malformed",
+    "malformed_lines",
+    "conversion_without_click",
+    "conversion_without_click_lines",
+    "unknown_common_feature_index",
+    "unknown_common_feature_index_lines",
+    "feature_count_mismatch",
+    "feature_count_mismatch_lines",
+    "unknown_field_features",
+    "unknown_field_lines",
+    "repeated_single_field_values",
+)
+
+
+def _add_tally(report: AliccpReadReport, tally: AliccpReadReport) -> None:
+    """Add a chunk's counts to the file's report. Tallies come in file order and each lists
+    its chunk's first lines, so the report keeps the file's first :data:`MAX_REPORTED_LINES`."""
+    for name in _TALLIED:
+        value = getattr(tally, name)
+        if isinstance(value, list):
+            target = getattr(report, name)
+            target.extend(value[: max(0, MAX_REPORTED_LINES - len(target))])
+        else:
+            setattr(report, name, getattr(report, name) + value)
+
+
+def _available_cores() -> int:
+    """Cores this process may run on (its CPU affinity where the platform has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
 class _Progress:
     """A rich bar on stderr over bytes read, with lines and lines/s; a no-op when disabled."""
 
@@ -879,6 +956,7 @@ class _Reader:
         on_malformed: str,
         sample_id: str,
         progress: bool,
+        workers: int | None,
     ) -> None:
         if cwc not in ("drop", "clear", "error"):
             raise ValueError(
@@ -890,6 +968,8 @@ class _Reader:
             raise ValueError(f"sample_id must be 'auto', 'int64' or 'string', got {sample_id!r}")
         if int(chunk_bytes) < 1:
             raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
+        if workers is not None and int(workers) < 1:
+            raise ValueError(f"workers must be positive, got {workers}")
         self.raw = source_format == "raw"
         self.path = Path(path)
         self.common_path = None if common_path is None else Path(common_path)
@@ -902,6 +982,9 @@ class _Reader:
         self.on_malformed = on_malformed
         self.sample_id_type: str | None = None if sample_id == "auto" else sample_id
         self.progress = progress
+        self.workers = _available_cores() if workers is None else int(workers)
+        # one chunk more than the threads: a thread that finishes finds the next chunk read
+        self.max_in_flight = self.workers + 1
         self.report = AliccpReadReport(
             source_format=source_format,
             path=str(self.path),
@@ -963,10 +1046,14 @@ class _Reader:
             if self.common_path is not None:
                 common = self._load_common(bar)
             advance = bar.task(self.path.name, self.path.stat().st_size)
-            for lines in _iter_lines(self.path, self.chunk_bytes, advance):
-                rows = self._parse_chunk(lines)
-                if rows is not None:
-                    yield from self._assemble(rows, common)
+            chunks = _iter_chunks(self.path, self.chunk_bytes, advance)
+            for done in self._chunk_results(chunks, common):
+                _add_tally(self.report, done.tally)
+                if done.batches and self.schema is None:
+                    self.schema = done.batches[0].schema
+                    self.report.sample_id_type = str(self.schema.field(SAMPLE_ID).type)
+                self._duplicates(done.content, done.line_no)
+                yield from done.batches
         report = self.report
         report.seconds = time.perf_counter() - self._start
         if report.lines_read == report.blank_lines:
@@ -974,10 +1061,51 @@ class _Reader:
         if report.rows_kept == 0:
             raise DataError(f"{self.path}: no valid rows\n{report.summary()}")
 
+    def _chunk_results(
+        self, chunks: Iterable[_Chunk], common: _Common | None
+    ) -> Iterator[_ChunkResult]:
+        """Each chunk parsed and assembled, in file order. ``sample_id="auto"`` takes its type
+        from the first chunk with a candidate line and every later chunk is parsed with it, so
+        chunks are parsed in this thread until the type is known, then by the threads."""
+        chunks = iter(chunks)
+        for chunk in chunks:
+            if self.workers > 1 and self.sample_id_type is not None:
+                yield from self._in_threads(itertools.chain((chunk,), chunks), common)
+                return
+            yield self._read_chunk(chunk, common)
+
+    def _in_threads(
+        self, chunks: Iterator[_Chunk], common: _Common | None
+    ) -> Iterator[_ChunkResult]:
+        """Chunks parsed by ``workers`` threads (the Arrow and numpy kernels release the GIL),
+        results handed on in file order. At most ``max_in_flight`` chunks are read and not yet
+        handed on: the file is read only as fast as the results are taken."""
+        pending: deque[Future[_ChunkResult]] = deque()
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="aliccp") as pool:
+            try:
+                for chunk in chunks:
+                    pending.append(pool.submit(self._read_chunk, chunk, common))
+                    if len(pending) == self.max_in_flight:
+                        yield pending.popleft().result()
+                while pending:
+                    yield pending.popleft().result()
+            finally:  # an error or an abandoned read: start no more chunks
+                for future in pending:
+                    future.cancel()
+
+    def _read_chunk(self, chunk: _Chunk, common: _Common | None) -> _ChunkResult:
+        """Parse and assemble one chunk of the main file. It may run in a worker thread, so it
+        counts into a tally of its own, added to the report in file order."""
+        tally = AliccpReadReport(self.report.source_format, self.report.path)
+        lines = _split_lines(chunk.data, chunk.first_line)
+        rows = self._parse(lines, _SKELETON if self.raw else _PADDLEREC, tally)
+        return self._assemble(rows, common, tally)
+
     # -- parsing
 
     def _malformed(
         self,
+        report: AliccpReadReport,
         lines: _Lines,
         code: np.ndarray,
         detail: Callable[[int], str],
@@ -987,7 +1115,6 @@ class _Reader:
         bad = np.flatnonzero(code)
         if len(bad) == 0:
             return
-        report = self.report
         target = report.common_malformed_lines if common else report.malformed_lines
         for i in bad[: max(0, MAX_REPORTED_LINES - len(target))]:
             target.append((int(lines.line_no[i]), _REASONS[int(code[i])] + detail(int(i))))
@@ -1007,10 +1134,11 @@ class _Reader:
                 f"{int(lines.line_no[-1])} (on_malformed='error'): " + "; ".join(shown) + more
             )
 
-    def _parse(self, lines: _Lines, layout: _Layout, common: bool = False) -> _Parsed:
-        """Check and parse one chunk of lines. Malformed lines are counted (or raise); the
-        result holds the well-formed lines only."""
-        report = self.report
+    def _parse(
+        self, lines: _Lines, layout: _Layout, report: AliccpReadReport, common: bool = False
+    ) -> _Parsed:
+        """Check and parse one chunk of lines. Malformed lines are counted in ``report`` (or
+        raise); the result holds the well-formed lines only."""
         n = len(lines.line_no)
         text_offsets, data = _string_buffers(lines.text)
         line_length = np.diff(text_offsets)
@@ -1082,7 +1210,7 @@ class _Reader:
                 return f": {counts[i]} columns, {qualifier}{layout.columns} expected"
             return ""
 
-        self._malformed(lines, code, detail, common)
+        self._malformed(report, lines, code, detail, common)
 
         keep = code[cand] == 0
         kept = cand[keep]
@@ -1158,9 +1286,6 @@ class _Reader:
         code[cand[_np(pc.binary_length(sample_id)) == 0]] = _EMPTY_SAMPLE_ID
         return sample_id, labels[0], labels[1]
 
-    def _parse_chunk(self, lines: _Lines) -> _Parsed:
-        return self._parse(lines, _SKELETON if self.raw else _PADDLEREC)
-
     # -- common features
 
     def _load_common(self, bar: _Progress) -> _Common:
@@ -1176,8 +1301,9 @@ class _Reader:
         hash_parts: list[list[np.ndarray]] = [[] for _ in ALICCP_FIELDS]
         repeat_parts: list[list[np.ndarray]] = [[] for _ in ALICCP_FIELDS]
         first_lines: list[np.ndarray] = []
-        for lines in _iter_lines(path, self.chunk_bytes, advance):
-            parsed = self._parse(lines, _COMMON, common=True)
+        for chunk in _iter_chunks(path, self.chunk_bytes, advance):
+            lines = _split_lines(chunk.data, chunk.first_line)
+            parsed = self._parse(lines, _COMMON, report, common=True)
             row, fld, ids = parsed.tok_row, parsed.tok_field, parsed.tok_id
             assert parsed.index is not None
             n_rec = len(parsed.line_no)
@@ -1205,6 +1331,7 @@ class _Reader:
 
         distinct = np.flatnonzero(~duplicate)
         lookup = pd.Index(_np(index_all.take(pa.array(distinct))))
+        lookup.get_indexer(lookup[:1])  # builds its hash table now, not racing in two threads
         common = _Common(lookup, distinct, [], [], [], [], [])
         for f in range(_N_FIELDS):
             length = np.concatenate(lengths[f]) if lengths[f] else np.zeros(n, np.int64)
@@ -1227,8 +1354,11 @@ class _Reader:
 
     # -- assembly
 
-    def _assemble(self, rows: _Parsed, common: _Common | None) -> Iterator[pa.RecordBatch]:
-        report = self.report
+    def _assemble(
+        self, rows: _Parsed, common: _Common | None, report: AliccpReadReport
+    ) -> _ChunkResult:
+        """A chunk's well-formed lines as record batches, with user fields from the
+        common-feature records; counts go to ``report`` (the chunk's tally)."""
         assert rows.sample_id is not None and rows.click is not None
         assert rows.conversion is not None
         m = len(rows.line_no)
@@ -1273,10 +1403,8 @@ class _Reader:
             )
             m = len(rows.line_no)
         if m == 0:
-            return
-        if self.schema is None:
-            self.schema = _table_schema(self.sample_id_type == "int64")
-            report.sample_id_type = str(self.schema.field(SAMPLE_ID).type)
+            return _ChunkResult(report, [], np.zeros(0, np.uint64), rows.line_no)
+        schema = _table_schema(self.sample_id_type == "int64")
         sample_ids = rows.sample_id
         if self.sample_id_type == "int64":
             sample_ids = pc.cast(sample_ids, pa.int64())
@@ -1310,13 +1438,13 @@ class _Reader:
             hashes.append(row_hash)
 
         content = _row_hash(hashes, rows.click.astype(np.int64) * 2 + rows.conversion)
-        self._duplicates(content, rows.line_no)
         report.rows_kept += m
         report.clicks += int(rows.click.sum())
         report.conversions += int(rows.conversion.sum())
 
         per_row = sum(col.lengths() for col in columns)
         cum = np.cumsum(per_row)
+        batches = []
         start = 0
         while start < m:
             base = cum[start - 1] if start else 0
@@ -1328,12 +1456,15 @@ class _Reader:
                 pa.array(np.full(end - start, self.day, np.int64)),
             ]
             arrays.extend(col.build(start, end) for col in columns)
-            yield pa.RecordBatch.from_arrays(arrays, schema=self.schema)
+            batches.append(pa.RecordBatch.from_arrays(arrays, schema=schema))
             start = end
+        return _ChunkResult(report, batches, content, rows.line_no)
 
     def _duplicates(self, content: np.ndarray, line_no: np.ndarray) -> None:
         """Count rows whose content hash was seen earlier in the file (this chunk or before).
         The hashes seen are kept sorted: 8 bytes per distinct row."""
+        if len(content) == 0:
+            return
         unique, first, inverse = np.unique(content, return_index=True, return_inverse=True)
         seen = self._seen
         if len(seen):
