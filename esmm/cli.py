@@ -107,23 +107,30 @@ def simulate(
         if output is not None:
             extra.append(f"data.path={output}")
         cfg = _load(config, [*(overrides or []), *extra])
-        from esmm.data.sources import append_simulated_day, simulate_to_file
-
-        started = time.perf_counter()
         if append_day:
+            from esmm.data.sources import append_simulated_day
+
             path, day, added = append_simulated_day(cfg)
             log.info("appended day %d (%d impressions) to %s", day, added, path)
             return
-        path, table = simulate_to_file(cfg, progress=not quiet)
-        seconds = time.perf_counter() - started
-        log.info(
-            "simulated %d impressions over %d days in %.1f s (%.0f rows/s) -> %s",
-            table.num_rows,
-            cfg.data.simulator.days,
-            seconds,
-            table.num_rows / seconds,
-            path,
-        )
+        _simulate_table(cfg, quiet)
+
+
+def _simulate_table(cfg, quiet: bool) -> None:
+    """Write the configured simulated table and log its size and speed."""
+    from esmm.data.sources import simulate_to_file
+
+    started = time.perf_counter()
+    path, table = simulate_to_file(cfg, progress=not quiet)
+    seconds = time.perf_counter() - started
+    log.info(
+        "simulated %d impressions over %d days in %.1f s (%.0f rows/s) -> %s",
+        table.num_rows,
+        cfg.data.simulator.days,
+        seconds,
+        table.num_rows / seconds,
+        path,
+    )
 
 
 @app.command()
@@ -338,17 +345,7 @@ def compare(
         from esmm.progress import STDOUT
 
         if cfg.data.source == "simulator":
-            simulate(
-                config=config,
-                overrides=overrides,
-                rows=None,
-                days=None,
-                preset=None,
-                seed=None,
-                output=None,
-                append_day=False,
-                quiet=quiet,
-            )
+            _simulate_table(cfg, quiet)
         prepare(config=config, overrides=overrides)
         folder = Path(cfg.compare.output_dir or cfg.output_path / "compare")
         comparison = compare_stage(cfg, cfg.compare, folder)
@@ -372,17 +369,7 @@ def run(
         cfg = _load(config, overrides)
         started = time.perf_counter()
         if cfg.data.source == "simulator":
-            simulate(
-                config=config,
-                overrides=overrides,
-                rows=None,
-                days=None,
-                preset=None,
-                seed=None,
-                output=None,
-                append_day=False,
-                quiet=quiet,
-            )
+            _simulate_table(cfg, quiet)
         prepare(config=config, overrides=overrides)
         train(config=config, overrides=overrides, resume=False, quiet=quiet)
         evaluate(config=config, overrides=overrides)
