@@ -8,17 +8,15 @@ import logging
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from trained_models import log_trained_model, train_small_model
 from typer.testing import CliRunner
 
 import esmm.serving
 import esmm.train
 from esmm.cli import app
-from esmm.config import load_config
-from esmm.data.sources import simulate_to_file
 from esmm.models import load_trained_model
-from esmm.prepare import load_prepared, prepare
 from esmm.serving import score_table
-from esmm.train import predict, train_stage
+from esmm.train import predict
 
 TOLERANCE = 5e-3  # bfloat16 keeps 8 significant bits; measured differences are far smaller
 
@@ -29,28 +27,10 @@ def trained(tmp_path_factory):
     logged before the precision parameter existed."""
     from mlflow.models import ModelSignature
 
-    from esmm.tracking import Tracker
-
-    folder = tmp_path_factory.mktemp("precision")
-    config = load_config(
-        None,
-        [
-            f"output_dir={folder / 'out'}",
-            "data.simulator.rows=6000",
-            "data.simulator.days=4",
-            "model.embedding_dim=4",
-            "model.tower_dims=[16]",
-            "train.epochs=1",
-            f"tracking.tracking_uri=sqlite:///{folder}/mlflow.db",
-        ],
+    config, test = train_small_model(
+        tmp_path_factory.mktemp("precision"), "data.simulator.rows=6000"
     )
-    simulate_to_file(config)
-    prepare(config)
-    train_stage(config, progress=False)
-    test = load_prepared(config).tables["test"]
-    tracker = Tracker.start(config)
-    model_uri = tracker.log_model(config.output_path / "model", test.slice(0, 20))
-    tracker.finish()
+    model_uri, _ = log_trained_model(config, test)
 
     current = esmm.serving.model_signature
 
@@ -60,9 +40,7 @@ def trained(tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(esmm.serving, "model_signature", without_params)
-        tracker = Tracker.start(config)
-        old_uri = tracker.log_model(config.output_path / "model", test.slice(0, 20))
-        tracker.finish()
+        old_uri, _ = log_trained_model(config, test)
     model, encoder, _ = load_trained_model(config.output_path / "model")
     return config, model, encoder, test, model_uri, old_uri
 

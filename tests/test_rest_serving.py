@@ -13,13 +13,11 @@ import urllib.request
 
 import numpy as np
 import pytest
+from trained_models import log_trained_model, train_small_model
 from typer.testing import CliRunner
 
 from esmm.cli import app
-from esmm.config import load_config
-from esmm.data.sources import simulate_to_file
 from esmm.models import load_trained_model
-from esmm.prepare import load_prepared, prepare
 from esmm.serving import (
     OUTPUT_COLUMNS,
     ServingError,
@@ -28,7 +26,6 @@ from esmm.serving import (
     serving_example,
     serving_process,
 )
-from esmm.train import train_stage
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
@@ -49,31 +46,12 @@ def served(tmp_path_factory):
     from mlflow.tracking import MlflowClient
 
     from esmm.registry import register_version
-    from esmm.tracking import Tracker
 
-    folder = tmp_path_factory.mktemp("rest")
-    store = f"sqlite:///{folder}/mlflow.db"
-    config = load_config(
-        None,
-        [
-            f"output_dir={folder / 'out'}",
-            "data.simulator.rows=8000",
-            "data.simulator.days=4",
-            "model.embedding_dim=4",
-            "model.tower_dims=[16]",
-            "train.epochs=1",
-            f"tracking.tracking_uri={store}",
-        ],
-    )
-    simulate_to_file(config)
-    prepare(config)
-    train_stage(config, progress=False)
-    tracker = Tracker.start(config)
-    test = load_prepared(config).tables["test"]
-    model_uri = tracker.log_model(config.output_path / "model", test.slice(0, 20))
-    tracker.finish()
+    config, test = train_small_model(tmp_path_factory.mktemp("rest"))
+    store = config.tracking.tracking_uri
+    model_uri, run_id = log_trained_model(config, test)
     client = MlflowClient(store, store)
-    version = register_version(client, model_uri, MODEL_NAME, tracker.run_id, {})
+    version = register_version(client, model_uri, MODEL_NAME, run_id, {})
     client.set_registered_model_alias(MODEL_NAME, "champion", version)
     with serving_process(CHAMPION_URI, free_port(), store) as url:
         yield url, config, test

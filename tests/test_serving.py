@@ -9,43 +9,20 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from trained_models import log_trained_model, train_small_model
 from typer.testing import CliRunner
 
 from esmm.cli import app
-from esmm.config import load_config
-from esmm.data.sources import simulate_to_file
 from esmm.data.table import DataError
 from esmm.models import load_trained_model
-from esmm.prepare import load_prepared, prepare
 from esmm.serving import score_table
-from esmm.train import train_stage
 
 
 @pytest.fixture(scope="module")
 def logged_model(tmp_path_factory):
     """A small trained ESMM logged as a pyfunc model to a SQLite MLflow store."""
-    from esmm.tracking import Tracker
-
-    folder = tmp_path_factory.mktemp("serving")
-    config = load_config(
-        None,
-        [
-            f"output_dir={folder / 'out'}",
-            "data.simulator.rows=8000",
-            "data.simulator.days=4",
-            "model.embedding_dim=4",
-            "model.tower_dims=[16]",
-            "train.epochs=1",
-            f"tracking.tracking_uri=sqlite:///{folder}/mlflow.db",
-        ],
-    )
-    simulate_to_file(config)
-    prepare(config)
-    train_stage(config, progress=False)
-    tracker = Tracker.start(config)
-    test = load_prepared(config).tables["test"]
-    model_uri = tracker.log_model(config.output_path / "model", test.slice(0, 20))
-    tracker.finish()
+    config, test = train_small_model(tmp_path_factory.mktemp("serving"))
+    model_uri, _ = log_trained_model(config, test)
     return config, model_uri, test
 
 
@@ -73,27 +50,19 @@ def test_signature_names_every_raw_field(logged_model):
     assert inputs["user_id"].endswith("long") and inputs["item_price_log"].endswith("double")
 
 
+def run_predict(config, model_uri: str, source: Path, output: Path, *extra: str):
+    """`esmm predict` on ``source`` against the config's MLflow store."""
+    tracking = ["--tracking-uri", config.tracking.tracking_uri]
+    paths = ["--input", str(source), "--output", str(output)]
+    return CliRunner().invoke(app, ["predict", "--model", model_uri, *paths, *tracking, *extra])
+
+
 def test_predict_cli_writes_scores_in_input_order(logged_model, tmp_path):
     config, model_uri, test = logged_model
     source = tmp_path / "rows.parquet"
     pq.write_table(test.slice(0, 500), source)
     output = tmp_path / "scores.parquet"
-    result = CliRunner().invoke(
-        app,
-        [
-            "predict",
-            "--model",
-            model_uri,
-            "--input",
-            str(source),
-            "--output",
-            str(output),
-            "--keep",
-            "day",
-            "--tracking-uri",
-            config.tracking.tracking_uri,
-        ],
-    )
+    result = run_predict(config, model_uri, source, output, "--keep", "day")
     assert result.exit_code == 0, result.output
     scores = pq.read_table(output)
     assert scores.column_names == ["day", "pctr", "pcvr", "pctcvr"]
@@ -107,20 +76,7 @@ def test_predict_rejects_a_missing_column_and_leaves_no_output(logged_model, tmp
     source = tmp_path / "rows.parquet"
     pq.write_table(test.slice(0, 50).drop_columns(["item_id"]), source)
     output = tmp_path / "scores.parquet"
-    result = CliRunner().invoke(
-        app,
-        [
-            "predict",
-            "--model",
-            model_uri,
-            "--input",
-            str(source),
-            "--output",
-            str(output),
-            "--tracking-uri",
-            config.tracking.tracking_uri,
-        ],
-    )
+    result = run_predict(config, model_uri, source, output)
     assert result.exit_code == 1
     assert "item_id" in result.output
     assert not output.exists()
