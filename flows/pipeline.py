@@ -38,24 +38,16 @@ RETRY_DELAY_SECONDS = 5
 def load_data(config: Config, append_simulated_day: bool = False) -> dict[str, Any]:
     """Make sure the source exists (simulating or appending a day for the simulator) and
     fingerprint it; the fingerprint keys the prepared-data cache."""
-    from esmm.data.sources import (
-        append_simulated_day as append_day,
-    )
-    from esmm.data.sources import (
-        simulate_to_file,
-        simulated_table_path,
-        source_files,
-        source_fingerprint,
-    )
+    from esmm.data import sources
 
     if config.data.source == "simulator":
-        if not simulated_table_path(config).exists():
-            simulate_to_file(config)
+        if not sources.simulated_table_path(config).exists():
+            sources.simulate_to_file(config)
         elif append_simulated_day:
-            path, day, rows = append_day(config)
+            path, day, rows = sources.append_simulated_day(config)
             log.info("appended day %d (%d impressions) to %s", day, rows, path)
-    files = [str(path) for path in source_files(config)]
-    return {"fingerprint": source_fingerprint(config), "files": files}
+    files = [str(path) for path in sources.source_files(config)]
+    return {"fingerprint": sources.source_fingerprint(config), "files": files}
 
 
 @task(
