@@ -384,7 +384,7 @@ def register(config: ConfigOption = DEFAULT_CONFIG, overrides: SetOption = None)
         import json
 
         from esmm.evaluate import METRICS_FILE
-        from esmm.prepare import load_prepared
+        from esmm.prepare import load_prepared_split
         from esmm.registry import register_version
         from esmm.tracking import Tracker
 
@@ -397,7 +397,7 @@ def register(config: ConfigOption = DEFAULT_CONFIG, overrides: SetOption = None)
         try:
             tracker.set_tags({"esmm.stage": "register"})
             tracker.log_metrics(metrics, prefix="test_")
-            example = load_prepared(cfg).tables["test"].slice(0, 100)
+            example = load_prepared_split(cfg, "test").slice(0, 100)
             model_uri = tracker.log_model(cfg.output_path / "model", example)
             name = cfg.tracking.registered_model
             version = register_version(tracker.client, model_uri, name, tracker.run_id, metrics)
@@ -423,7 +423,7 @@ def promote(
     """Score a registered version and the @champion on the current test split; the version
     becomes @champion if better by promote.min_improvement, else @challenger."""
     with _clear_errors():
-        from esmm.prepare import load_prepared
+        from esmm.prepare import load_prepared_split
         from esmm.registry import latest_version, promote_version
         from esmm.tracking import connect, tracking_uri
 
@@ -431,7 +431,7 @@ def promote(
         client, _ = connect(cfg.tracking)
         name = cfg.tracking.registered_model
         version = version or latest_version(client, name)
-        test_table = load_prepared(cfg).tables["test"]
+        test_table = load_prepared_split(cfg, "test")
         decision = promote_version(
             client, tracking_uri(cfg.tracking), name, version, test_table, cfg.promote, force=force
         )

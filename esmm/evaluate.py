@@ -15,7 +15,7 @@ from esmm.config import Config
 from esmm.metrics import evaluate_predictions
 from esmm.models import load_trained_model
 from esmm.plots import write_evaluation_plots
-from esmm.prepare import load_prepared
+from esmm.prepare import load_prepared_split
 from esmm.train import predict
 
 METRICS_FILE = "metrics.json"
@@ -45,7 +45,7 @@ def evaluate_stage(config: Config, split: str = "test", plots: bool = True) -> d
     """Metrics of the trained model on ``split`` -> ``metrics.json``; with ``plots``, ROC and
     calibration curves -> ``plots/roc.png`` and ``plots/calibration.png``."""
     model, encoder, spec = load_trained_model(config.output_path / "model")
-    table = load_prepared(config).tables[split]
+    table = load_prepared_split(config, split)
     encoded = encoder.encode_split(table)
     pctr, pcvr = predict(model, encoded.features, config.train.eval_batch_size)
     click, conversion = encoded.click.numpy(), encoded.conversion.numpy()

@@ -104,11 +104,24 @@ def prepare(config: Config, input_fingerprint: str | None = None) -> PreparedDat
     return PreparedData(tables, encoder, manifest)
 
 
-def load_prepared(config: Config) -> PreparedData:
+def load_manifest(config: Config) -> dict:
+    """The prepared data's manifest (counts, schema, fingerprints), without reading tables."""
     folder = prepared_path(config)
     manifest_path = folder / MANIFEST_FILE
     if not manifest_path.exists():
         raise DataError(f"{folder}: no prepared data; run `esmm prepare` first")
+    return json.loads(manifest_path.read_text())
+
+
+def load_prepared_split(config: Config, split: str) -> pa.Table:
+    """One prepared split (stages that score the test days need no training rows)."""
+    load_manifest(config)  # the clear error when nothing is prepared
+    return pq.read_table(prepared_path(config) / f"{split}.parquet")
+
+
+def load_prepared(config: Config) -> PreparedData:
+    manifest = load_manifest(config)
+    folder = prepared_path(config)
     tables = {name: pq.read_table(folder / f"{name}.parquet") for name in SPLITS}
     encoder = FeatureEncoder.load(folder / "encoder")
-    return PreparedData(tables, encoder, json.loads(manifest_path.read_text()))
+    return PreparedData(tables, encoder, manifest)

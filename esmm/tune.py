@@ -46,7 +46,7 @@ from optuna.trial import TrialState
 from esmm.atomic import atomic_path
 from esmm.config import Config, ConfigError, SearchSpace, TuneSettings, dump_config
 from esmm.data.encode import EncodedSplit, FeatureEncoder
-from esmm.prepare import PreparedData, load_prepared
+from esmm.prepare import PreparedData, load_manifest, load_prepared
 from esmm.train import LOWER_IS_BETTER, EpochResult, fit, monitor_for
 
 log = logging.getLogger(__name__)
@@ -379,7 +379,7 @@ def tune_with_workers(config: Config, workers: int) -> TuneResult:
     ``TuningFailed`` when workers failed and the study is short of ``tune.n_trials``."""
     _check_tunable(config)
     _quiet_optuna()
-    study, _ = _join_study(config, load_prepared(config).manifest["fingerprint"])
+    study, _ = _join_study(config, load_manifest(config)["fingerprint"])
     trials_before = len(study.get_trials(deepcopy=False))
     finished, running = _finished_and_reserved(study)
     exit_codes: list[int] = []

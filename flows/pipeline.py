@@ -192,13 +192,13 @@ def evaluate_model(config: Config, tracker) -> dict[str, float]:
 def register_model(config: Config, tracker, test_metrics: dict[str, float]) -> str:
     """Log the pyfunc model in the parent run and register it as a new version (once: a
     retry finds the version already created for this run)."""
-    from esmm.prepare import load_prepared
+    from esmm.prepare import load_prepared_split
     from esmm.registry import existing_version, register_version
 
     name = config.tracking.registered_model
     version = existing_version(tracker.client, name, tracker.run_id)
     if version is None:
-        example = load_prepared(config).tables["test"].slice(0, 100)
+        example = load_prepared_split(config, "test").slice(0, 100)
         model_uri = tracker.log_model(config.output_path / "model", example)
         version = register_version(tracker.client, model_uri, name, tracker.run_id, test_metrics)
     tracker.set_tags({"esmm.registered_version": version})
@@ -213,10 +213,10 @@ def register_model(config: Config, tracker, test_metrics: dict[str, float]) -> s
 )
 def promote_model(config: Config, tracker, version: str) -> dict[str, Any]:
     """Score the new version and the champion on the current test split; move the aliases."""
-    from esmm.prepare import load_prepared
+    from esmm.prepare import load_prepared_split
     from esmm.registry import promote_version
 
-    test_table = load_prepared(config).tables["test"]
+    test_table = load_prepared_split(config, "test")
     decision = promote_version(
         tracker.client,
         tracker.uri,
